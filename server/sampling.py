@@ -1,0 +1,360 @@
+"""Sampling parameters, per-sequence sampling state and the batched sampler.
+
+Shapes: B rows in the batch (one per sequence being sampled), V vocabulary size.
+Order of operations, as in vLLM: raw logprobs -> min_tokens mask -> logit_bias ->
+repetition/frequency/presence penalties -> greedy argmax, or temperature -> top_k ->
+top_p -> min_p -> exponential-race draw.
+"""
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+# Temperatures below this are treated as greedy (dividing by them would overflow).
+_GREEDY_EPS = 1e-5
+MAX_LOGPROBS = 20
+
+
+def _check(ok: bool, field: str, value: object, expected: str) -> None:
+    if not ok:
+        raise ValueError(f"{field} must be {expected}, got {value!r}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_num(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _in(value: object, lo: float, hi: float) -> bool:
+    # Written as a chained comparison so NaN fails it.
+    return _is_num(value) and lo <= value <= hi  # type: ignore[operator]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens for one request; immutable and validated on construction."""
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1 = disabled
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    # Accepts a mapping or (token_id, bias) pairs; stored as sorted pairs.
+    logit_bias: tuple[tuple[int, float], ...] | Mapping[int, float] = ()
+    seed: int | None = None
+    max_tokens: int = 16
+    min_tokens: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None  # number of top logprobs besides the sampled token
+    # Carried for the detokenizer; the sampler ignores them.
+    stop: tuple[str, ...] = ()
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        _check(_is_int(self.n) and 1 <= self.n <= 16, "n", self.n, "an integer in 1..16")
+        _check(_in(self.temperature, 0, 100), "temperature", self.temperature, "in [0, 100]")
+        _check(_in(self.top_p, 0, 1) and self.top_p > 0, "top_p", self.top_p, "in (0, 1]")
+        _check(
+            _is_int(self.top_k) and (self.top_k in (-1, 0) or self.top_k >= 1),
+            "top_k", self.top_k, "-1 or 0 (disabled) or a positive integer",
+        )
+        _check(_in(self.min_p, 0, 1), "min_p", self.min_p, "in [0, 1]")
+        for field in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, field)
+            _check(_in(value, -2, 2), field, value, "in [-2, 2]")
+        rp = self.repetition_penalty
+        _check(_is_num(rp) and 0 < rp < math.inf, "repetition_penalty", rp, "> 0 and finite")
+        object.__setattr__(self, "logit_bias", _normalise_logit_bias(self.logit_bias))
+        _check(
+            self.seed is None or (_is_int(self.seed) and -(2**63) <= self.seed < 2**64),
+            "seed", self.seed, "None or a 64-bit integer",
+        )
+        _check(_is_int(self.max_tokens) and self.max_tokens >= 1,
+               "max_tokens", self.max_tokens, "an integer >= 1")
+        _check(_is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens,
+               "min_tokens", self.min_tokens, f"an integer in 0..max_tokens ({self.max_tokens})")
+        stop_ids = tuple(self.stop_token_ids)
+        _check(all(_is_int(t) for t in stop_ids), "stop_token_ids", stop_ids, "integers")
+        object.__setattr__(self, "stop_token_ids", stop_ids)
+        _check(isinstance(self.ignore_eos, bool), "ignore_eos", self.ignore_eos, "a bool")
+        _check(
+            self.logprobs is None
+            or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
+            "logprobs", self.logprobs, f"None or an integer in 0..{MAX_LOGPROBS}",
+        )
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        _check(all(isinstance(s, str) and s for s in stop), "stop", stop, "non-empty strings")
+        object.__setattr__(self, "stop", stop)
+
+    @property
+    def greedy(self) -> bool:
+        """True when the sampler takes the argmax instead of drawing."""
+        return self.temperature < _GREEDY_EPS
+
+    @property
+    def uses_penalties(self) -> bool:
+        """True when any of the three repetition-type penalties is active."""
+        return (self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0
+                or self.presence_penalty != 0.0)
+
+    def validate_token_ids(self, vocab_size: int) -> None:
+        """Raise ValueError naming the field if a logit_bias/stop_token_ids id is out of vocab."""
+        for field, ids in (("logit_bias", [t for t, _ in self.logit_bias]),
+                           ("stop_token_ids", self.stop_token_ids)):
+            for t in ids:
+                _check(0 <= t < vocab_size, field, t, f"a token id in [0, {vocab_size})")
+
+
+def _normalise_logit_bias(
+    bias: Mapping[int | str, float] | Iterable[tuple[int, float]],
+) -> tuple[tuple[int, float], ...]:
+    # JSON object keys arrive as strings ("50256"), so decimal strings are accepted too.
+    items = bias.items() if isinstance(bias, Mapping) else bias
+    out: dict[int, float] = {}
+    for key, value in items:
+        if isinstance(key, str) and key.lstrip("-").isdigit():
+            key = int(key)
+        _check(_is_int(key), "logit_bias", key, "keyed by integer token ids")
+        _check(_in(value, -100, 100), "logit_bias", {key: value}, "values in [-100, 100]")
+        out[key] = float(value)
+    return tuple(sorted(out.items()))
+
+
+class SamplingState:
+    """Per-sequence sampler state: params, private generator, output token counts, prompt ids."""
+
+    def __init__(
+        self,
+        params: SamplingParams,
+        prompt_token_ids: Sequence[int] = (),
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.params = params
+        # Seeded once here; lives with the sequence so preemption resumes the same stream.
+        self.generator: torch.Generator | None = None
+        if params.seed is not None:
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(params.seed)
+        self.prompt_token_ids = torch.tensor(sorted(set(prompt_token_ids)), dtype=torch.long)
+        self.output_counts: dict[int, int] = {}
+
+    def append_token(self, token_id: int) -> None:
+        """Record a generated token for the frequency/presence/repetition penalties."""
+        self.output_counts[token_id] = self.output_counts.get(token_id, 0) + 1
+
+
+def _to_device(values: list | Tensor, dtype: torch.dtype, device: torch.device) -> Tensor:
+    t = torch.as_tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        # Pinned + non_blocking: the copy queues behind the forward pass instead of waiting for it.
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def apply_penalties(
+    logits: Tensor, states: list[SamplingState], num_generated: list[int], eos_token_id: int
+) -> Tensor:
+    """Return float32 logits [B, V] after the min_tokens mask, logit_bias and penalties."""
+    x = logits.to(torch.float32, copy=True)  # [B, V]; never modify the caller's tensor
+    dev = x.device
+
+    rows, toks = [], []
+    for r, (s, n_gen) in enumerate(zip(states, num_generated, strict=True)):
+        if n_gen < s.params.min_tokens:
+            banned = (eos_token_id, *s.params.stop_token_ids)
+            rows += [r] * len(banned)
+            toks += banned
+    if rows:
+        x[_to_device(rows, torch.long, dev), _to_device(toks, torch.long, dev)] = -math.inf
+
+    rows, toks, vals = [], [], []
+    for r, s in enumerate(states):
+        for t, b in s.params.logit_bias:
+            rows.append(r)
+            toks.append(t)
+            vals.append(b)
+    if rows:
+        idx = (_to_device(rows, torch.long, dev), _to_device(toks, torch.long, dev))
+        x.index_put_(idx, _to_device(vals, torch.float32, dev), accumulate=True)
+
+    pen_rows = [r for r, s in enumerate(states) if s.params.uses_penalties]
+    if not pen_rows:
+        return x
+    pen = [states[r] for r in pen_rows]
+    # Counts of generated tokens, scattered from the per-sequence dicts: [P, V].
+    rows, toks, cnts = [], [], []
+    for r, s in enumerate(pen):
+        rows += [r] * len(s.output_counts)
+        toks += s.output_counts.keys()
+        cnts += s.output_counts.values()
+    counts = torch.zeros(len(pen), x.shape[1], dtype=torch.float32, device=dev)
+    if rows:
+        idx = (_to_device(rows, torch.long, dev), _to_device(toks, torch.long, dev))
+        counts[idx] = _to_device(cnts, torch.float32, dev)
+    seen = counts > 0  # [P, V]
+    sub = x[_to_device(pen_rows, torch.long, dev)]  # [P, V]
+
+    rep_rows = [r for r, s in enumerate(pen) if s.params.repetition_penalty != 1.0]
+    if rep_rows:
+        # Repetition penalty covers prompt tokens too.
+        prompt_ids = [pen[r].prompt_token_ids for r in rep_rows]
+        lens = torch.tensor([len(p) for p in prompt_ids])
+        p_rows = torch.repeat_interleave(torch.tensor(rep_rows), lens)
+        in_prompt = torch.zeros_like(seen)
+        p_toks = torch.cat(prompt_ids)
+        in_prompt[_to_device(p_rows, torch.long, dev), _to_device(p_toks, torch.long, dev)] = True
+        rep = _to_device([s.params.repetition_penalty for s in pen], torch.float32, dev)[:, None]
+        penalised = torch.where(sub > 0, sub / rep, sub * rep)
+        sub = torch.where(seen | in_prompt, penalised, sub)
+    freq = _to_device([s.params.frequency_penalty for s in pen], torch.float32, dev)[:, None]
+    pres = _to_device([s.params.presence_penalty for s in pen], torch.float32, dev)[:, None]
+    sub = sub - freq * counts - pres * seen.float()
+    x[_to_device(pen_rows, torch.long, dev)] = sub
+    return x
+
+
+def apply_temperature_and_filters(logits: Tensor, params: list[SamplingParams]) -> Tensor:
+    """Return logits [B, V] divided by temperature with top_k/top_p/min_p masked to -inf.
+
+    Greedy rows are left unscaled and unfiltered.
+    """
+    dev = logits.device
+    V = logits.shape[1]
+    temps = [1.0 if p.greedy else p.temperature for p in params]
+    x = logits / _to_device(temps, torch.float32, dev)[:, None]  # [B, V]
+
+    ks = [p.top_k if p.top_k > 0 and not p.greedy else V for p in params]
+    # top_p == 1 means disabled; inf keeps float rounding in the cumsum from dropping tail tokens.
+    ps = [p.top_p if p.top_p < 1 and not p.greedy else math.inf for p in params]
+    if any(k < V for k in ks) or any(p < 1 for p in ps):
+        # Stable sort: among equal logits the lowest id comes first, as in argmax.
+        sorted_x, order = x.sort(dim=-1, descending=True, stable=True)  # [B, V]
+        rank = torch.arange(V, device=dev)
+        sorted_x = sorted_x.masked_fill(rank >= _to_device(ks, torch.long, dev)[:, None], -math.inf)
+        probs = sorted_x.softmax(dim=-1)
+        # Drop a token once the mass ranked above it reaches top_p; rank 0 always survives.
+        mass_before = probs.cumsum(dim=-1) - probs
+        sorted_x = sorted_x.masked_fill(mass_before >= _to_device(ps, torch.float32, dev)[:, None],
+                                        -math.inf)
+        x = torch.empty_like(x).scatter_(1, order, sorted_x)
+
+    min_ps = [0.0 if p.greedy else p.min_p for p in params]
+    if any(m > 0 for m in min_ps):
+        # p_i >= min_p * p_max  <=>  logit_i - logit_max >= log(min_p); no softmax needed.
+        log_min_p = _to_device(min_ps, torch.float32, dev).log()[:, None]  # log(0) = -inf keeps all
+        x = x.masked_fill(x - x.amax(dim=-1, keepdim=True) < log_min_p, -math.inf)
+    return x
+
+
+@dataclass
+class SamplerOutput:
+    """Per-row results; logprob entries are None for rows that did not ask for logprobs."""
+
+    token_ids: list[int]
+    logprobs: list[float | None] | None = None
+    top_logprobs: list[list[tuple[int, float]] | None] | None = None
+
+
+class Sampler:
+    """Batched sampler; unseeded rows share one generator per device, seeded from `seed`."""
+
+    def __init__(self, seed: int | None = None) -> None:
+        self.seed = seed
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def _default_generator(self, device: torch.device) -> torch.Generator:
+        if device not in self._generators:
+            g = torch.Generator(device=device)
+            if self.seed is None:
+                g.seed()
+            else:
+                g.manual_seed(self.seed)
+            self._generators[device] = g
+        return self._generators[device]
+
+    def __call__(
+        self, logits: Tensor, states: list[SamplingState], num_generated: list[int],
+        eos_token_id: int,
+    ) -> SamplerOutput:
+        """Same as sample()."""
+        return self.sample(logits, states, num_generated, eos_token_id)
+
+    def sample(
+        self, logits: Tensor, states: list[SamplingState], num_generated: list[int],
+        eos_token_id: int,
+    ) -> SamplerOutput:
+        """Pick one token per row of logits [B, V]; one host sync at the end."""
+        assert logits.dim() == 2 and logits.shape[0] == len(states), (
+            f"logits {tuple(logits.shape)} vs {len(states)} states")
+        dev = logits.device
+        params = [s.params for s in states]
+        lp_rows = [r for r, p in enumerate(params) if p.logprobs is not None]
+        raw_lp = None
+        if lp_rows:
+            # Reported logprobs come from the unmodified model distribution, as in vLLM.
+            raw_lp = logits[_to_device(lp_rows, torch.long, dev)].float().log_softmax(dim=-1)
+
+        x = apply_penalties(logits, states, num_generated, eos_token_id)  # [B, V] float32
+        tokens = x.argmax(dim=-1)  # [B]; greedy rows keep this
+        random_rows = [r for r, p in enumerate(params) if not p.greedy]
+        if random_rows:
+            probs = apply_temperature_and_filters(x, params).softmax(dim=-1)  # [B, V]
+            q = self._draw_exponential(probs, states, random_rows)
+            # Exponential race: argmax(p_i / q_i), q_i ~ Exp(1), is a draw from p with no host sync.
+            sampled = (probs / q).argmax(dim=-1)  # [B]
+            is_random = _to_device([not p.greedy for p in params], torch.bool, dev)
+            tokens = torch.where(is_random, sampled, tokens)
+
+        out = SamplerOutput(token_ids=tokens.tolist())
+        if raw_lp is not None:
+            self._fill_logprobs(out, raw_lp, tokens, lp_rows, params)
+        return out
+
+    def _draw_exponential(
+        self, probs: Tensor, states: list[SamplingState], random_rows: list[int]
+    ) -> Tensor:
+        """Exp(1) noise [B, V]: seeded rows from their own generator, the rest in one call."""
+        dev = probs.device
+        V = probs.shape[1]
+        q = torch.ones_like(probs)
+        seeded = [r for r in random_rows if states[r].generator is not None]
+        unseeded = [r for r in random_rows if states[r].generator is None]
+        if unseeded:
+            noise = torch.empty(len(unseeded), V, device=dev)
+            noise.exponential_(generator=self._default_generator(dev))
+            q[_to_device(unseeded, torch.long, dev)] = noise
+        for r in seeded:
+            # Exactly V draws per step from the row's own stream, whatever the batch looks like.
+            g = states[r].generator
+            q[r] = torch.empty(V, device=g.device).exponential_(generator=g).to(dev)
+        # Guard against q == 0 (0/0 = NaN would win the argmax).
+        return q.clamp_min_(torch.finfo(q.dtype).tiny)
+
+    @staticmethod
+    def _fill_logprobs(
+        out: SamplerOutput, raw_lp: Tensor, tokens: Tensor, lp_rows: list[int],
+        params: list[SamplingParams],
+    ) -> None:
+        dev = raw_lp.device
+        chosen = raw_lp.gather(1, tokens[_to_device(lp_rows, torch.long, dev)][:, None])  # [R, 1]
+        max_k = max(params[r].logprobs or 0 for r in lp_rows)
+        top_v, top_i = raw_lp.topk(max_k, dim=-1)  # [R, max_k], sorted descending
+        # tokens were already synced above, so these copies do not wait on the device.
+        chosen_l, top_v_l, top_i_l = chosen[:, 0].tolist(), top_v.tolist(), top_i.tolist()
+        out.logprobs = [None] * len(params)
+        out.top_logprobs = [None] * len(params)
+        for j, r in enumerate(lp_rows):
+            k = params[r].logprobs or 0
+            out.logprobs[r] = chosen_l[j]
+            out.top_logprobs[r] = list(zip(top_i_l[j][:k], top_v_l[j][:k], strict=True))
