@@ -8,7 +8,7 @@ top_p -> min_p -> exponential-race draw.
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -107,6 +107,11 @@ class SamplingParams:
         """True when any of the three repetition-type penalties is active."""
         return (self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0
                 or self.presence_penalty != 0.0)
+
+    def child(self, index: int) -> "SamplingParams":
+        """Params for the index-th of n sequences: n=1 and, if seeded, seed+index so they differ."""
+        seed = None if self.seed is None else (self.seed + index) % 2**64
+        return replace(self, n=1, seed=seed)
 
     def validate_token_ids(self, vocab_size: int) -> None:
         """Raise ValueError naming the field if a logit_bias/stop_token_ids id is out of vocab."""

@@ -61,6 +61,14 @@ def test_params_normalised_and_frozen() -> None:
     assert SamplingParams(temperature=0.0).greedy and not SamplingParams().greedy
 
 
+def test_child_params_for_n_get_distinct_seeds() -> None:
+    p = SamplingParams(n=3, seed=2**64 - 1, temperature=0.5)
+    kids = [p.child(i) for i in range(3)]
+    assert [k.seed for k in kids] == [2**64 - 1, 0, 1]
+    assert all(k.n == 1 and k.temperature == 0.5 for k in kids)
+    assert SamplingParams(n=2).child(1).seed is None
+
+
 def test_validate_token_ids_names_field() -> None:
     SamplingParams(logit_bias={9: 1.0}, stop_token_ids=(9,)).validate_token_ids(10)
     with pytest.raises(ValueError, match="logit_bias"):
