@@ -1,0 +1,204 @@
+"""Prometheus metrics of one server: a private registry, cheap recording calls, text rendering.
+
+Every method takes *deltas* for counters (what happened since the last call) and *current values*
+for gauges. The engine thread calls `observe_step` once per step, so that path does no allocation
+beyond a few list operations and never formats labels.
+"""
+
+from __future__ import annotations
+
+import operator
+import threading
+from collections.abc import Iterator, Sequence
+from importlib import metadata
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+FINISH_REASONS = ("stop", "length", "abort", "error")
+
+# Bucket edges in seconds. TTFT spans a cached short prompt on a GPU (ms) to a long CPU prefill
+# behind a queue (tens of s); ITL is one decode step, which on a CPU can reach a second.
+_TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0,
+                 3.0, 5.0, 10.0, 20.0, 40.0, 80.0)
+_ITL_BUCKETS = (0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5,
+                0.75, 1.0, 2.0, 5.0)
+_E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+_QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+# Tokens in one engine step: 1 (a lone decode) up to a large prefill budget.
+_STEP_TOKEN_BUCKETS = tuple(float(2**i) for i in range(15))  # 1 .. 16384
+
+
+def _package_version() -> str:
+    try:
+        return metadata.version("customllm-server")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+class _ExpertLoadCollector(Collector):
+    """customllm_moe_expert_tokens_total{layer,expert}, kept as plain int lists.
+
+    2-D label sets would cost one locked `inc()` per (layer, expert) per step through the regular
+    Counter; here a step is one C-level `map(add)` per layer and labels are built only on scrape.
+    """
+
+    def __init__(self) -> None:
+        self._totals: list[list[int]] = []
+        self._lock = threading.Lock()
+
+    def add(self, counts: Sequence[Sequence[int]]) -> None:
+        with self._lock:
+            totals = self._totals
+            for layer, row in enumerate(counts):
+                if layer >= len(totals):
+                    totals.append([0] * len(row))
+                current = totals[layer]
+                if len(current) < len(row):
+                    current.extend([0] * (len(row) - len(current)))
+                totals[layer] = list(map(operator.add, current, row)) + current[len(row):]
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "customllm_moe_expert_tokens",
+            "Tokens routed to each routed expert of each MoE layer (layer = decoder layer index).",
+            labels=("layer", "expert"),
+        )
+        with self._lock:
+            snapshot = [list(row) for row in self._totals]
+        for layer, row in enumerate(snapshot):
+            for expert, total in enumerate(row):
+                family.add_metric((str(layer), str(expert)), float(total))
+        yield family
+
+
+class ServerMetrics:
+    """All metrics of one server instance, in a registry of its own (no process-global state)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+
+        self.info = Gauge("customllm_info", "Constant 1, labelled with what this server serves.",
+                          ("model", "dtype", "device", "version"), registry=r)
+        self.num_requests_running = Gauge(
+            "customllm_num_requests_running", "Requests in the running batch.", registry=r)
+        self.num_requests_waiting = Gauge(
+            "customllm_num_requests_waiting", "Requests admitted to the queue, not yet running.", registry=r)
+        self.kv_cache_usage_ratio = Gauge(
+            "customllm_kv_cache_usage_ratio", "Fraction of KV cache blocks in use, 0..1.", registry=r)
+        self.kv_cache_bytes_per_token = Gauge(
+            "customllm_kv_cache_bytes_per_token", "Bytes of KV cache one token takes over all layers.",
+            registry=r)
+        self.kv_cache_capacity_tokens = Gauge(
+            "customllm_kv_cache_capacity_tokens", "Tokens the KV cache can hold.", registry=r)
+
+        self.prompt_tokens = Counter(
+            "customllm_prompt_tokens", "Prompt tokens of finished requests.", registry=r)
+        self.generation_tokens = Counter(
+            "customllm_generation_tokens", "Generated tokens of finished requests.", registry=r)
+        self.request_success = Counter(
+            "customllm_request_success", "Finished requests by finish reason.", ("finish_reason",),
+            registry=r)
+        # Children created up front so every reason is exported as 0 before it first happens.
+        self._finish_children = {reason: self.request_success.labels(reason) for reason in FINISH_REASONS}
+        self.num_preemptions = Counter(
+            "customllm_num_preemptions", "Requests preempted (their KV cache freed) to make room.",
+            registry=r)
+        self.prefix_cache_queries = Counter(
+            "customllm_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", registry=r)
+        self.prefix_cache_hits = Counter(
+            "customllm_prefix_cache_hits", "Prompt tokens found in the prefix cache.", registry=r)
+        self.http_requests = Counter(
+            "customllm_http_requests", "HTTP responses by route template and status code.",
+            ("route", "status"), registry=r)
+
+        self.time_to_first_token = Histogram(
+            "customllm_time_to_first_token_seconds", "Arrival to first generated token.",
+            buckets=_TTFT_BUCKETS, registry=r)
+        self.inter_token_latency = Histogram(
+            "customllm_inter_token_latency_seconds", "Time between consecutive tokens of one request.",
+            buckets=_ITL_BUCKETS, registry=r)
+        self.e2e_request_latency = Histogram(
+            "customllm_e2e_request_latency_seconds", "Arrival to finish of a request.",
+            buckets=_E2E_BUCKETS, registry=r)
+        self.request_queue_time = Histogram(
+            "customllm_request_queue_time_seconds", "Arrival to first scheduling of a request.",
+            buckets=_QUEUE_BUCKETS, registry=r)
+        self.tokens_per_step = Histogram(
+            "customllm_tokens_per_step", "Tokens (prefill and decode) in one engine step.",
+            buckets=_STEP_TOKEN_BUCKETS, registry=r)
+
+        self._expert_load = _ExpertLoadCollector()
+        r.register(self._expert_load)
+        self._info_labels: tuple[str, str, str, str] | None = None
+
+    # --- set once at start-up -------------------------------------------------------------------
+
+    def set_info(self, model: str, dtype: str, device: str, version: str | None = None) -> None:
+        """Set customllm_info's labels (replacing earlier ones); version defaults to the package's."""
+        labels = (model, dtype, device, version if version is not None else _package_version())
+        if self._info_labels is not None:
+            self.info.remove(*self._info_labels)
+        self.info.labels(*labels).set(1)
+        self._info_labels = labels
+
+    def set_kv_cache_info(self, bytes_per_token: int, capacity_tokens: int) -> None:
+        self.kv_cache_bytes_per_token.set(bytes_per_token)
+        self.kv_cache_capacity_tokens.set(capacity_tokens)
+
+    # --- engine thread --------------------------------------------------------------------------
+
+    def observe_step(self, num_tokens: int, num_running: int, num_waiting: int, kv_usage: float,
+                     expert_counts: Sequence[Sequence[int]] | None = None) -> None:
+        """Record one engine step; `expert_counts[layer][expert]` are this step's routed tokens (deltas)."""
+        if num_tokens > 0:
+            self.tokens_per_step.observe(num_tokens)
+        self.num_requests_running.set(num_running)
+        self.num_requests_waiting.set(num_waiting)
+        self.kv_cache_usage_ratio.set(min(max(kv_usage, 0.0), 1.0))
+        if expert_counts is not None:
+            self._expert_load.add(expert_counts)
+
+    def observe_request_finished(self, finish_reason: str, prompt_tokens: int, generation_tokens: int,
+                                 queue_time: float | None, ttft: float | None, e2e: float) -> None:
+        """Record a finished request; times in seconds, None where the request never got that far."""
+        child = self._finish_children.get(finish_reason)
+        if child is None:
+            raise ValueError(f"finish_reason must be one of {FINISH_REASONS}, got {finish_reason!r}")
+        child.inc()
+        self.prompt_tokens.inc(prompt_tokens)
+        self.generation_tokens.inc(generation_tokens)
+        if queue_time is not None:
+            self.request_queue_time.observe(queue_time)
+        if ttft is not None:
+            self.time_to_first_token.observe(ttft)
+        self.e2e_request_latency.observe(e2e)
+
+    def observe_token_latency(self, seconds: float) -> None:
+        """Record the gap between two consecutive tokens of one request."""
+        self.inter_token_latency.observe(seconds)
+
+    def add_preemptions(self, n: int) -> None:
+        """Add `n` preemptions (a delta)."""
+        if n:
+            self.num_preemptions.inc(n)
+
+    def add_prefix_cache(self, queries: int, hits: int) -> None:
+        """Add prompt tokens looked up and found in the prefix cache (deltas, in tokens)."""
+        if queries:
+            self.prefix_cache_queries.inc(queries)
+        if hits:
+            self.prefix_cache_hits.inc(hits)
+
+    # --- HTTP side ------------------------------------------------------------------------------
+
+    def observe_http(self, route: str, status: int) -> None:
+        """Count one response. Pass the route *template* (or a fixed "other"), never a raw URL path."""
+        self.http_requests.labels(route, str(status)).inc()
+
+    def render(self) -> tuple[bytes, str]:
+        """The exposition body and its content type, for GET /metrics."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
