@@ -1,0 +1,9 @@
+"""The CustomLLM architecture: config, layers, paged latent cache and checkpoint loading."""
+
+from model.config import ModelConfig
+from model.kv_cache import PagedLatentCache
+from model.loader import CheckpointError, load_model
+from model.metadata import AttentionMetadata
+from model.model import CustomLLM
+
+__all__ = ["AttentionMetadata", "CheckpointError", "CustomLLM", "ModelConfig", "PagedLatentCache", "load_model"]

@@ -1,0 +1,77 @@
+"""AttentionMetadata: how a flat batch of tokens splits into sequences and where their cache lives.
+
+A flat batch is the concatenation of each scheduled sequence's new tokens. The sequences may come in any
+order; the longest run of single-token sequences at the end of the batch takes the decode path
+(absorbed attention over the latent), everything before it takes the prefill path (decompressed attention).
+The scheduler puts prefill chunks first so that all decodes form that tail.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+
+@dataclasses.dataclass
+class AttentionMetadata:
+    """Per-step attention inputs, shared by every layer. Built once per step by `build`."""
+
+    slot_mapping: torch.Tensor  # [T] int64: cache slot each new token's latent is written to
+    num_prefill_tokens: int  # tokens [0, num_prefill_tokens) use the prefill path
+    # Prefill path, per prefill sequence i (Q_i new tokens, C_i tokens of context including them):
+    prefill_query_lens: list[int]  # Q_i
+    prefill_context_lens: list[int]  # C_i
+    prefill_context_slots: torch.Tensor  # [sum C_i] int64: cache slots of every context token, sequence by sequence
+    # Decode path, per decode sequence (one new token each):
+    decode_block_tables: torch.Tensor  # [B, max_blocks] int64, padded with block 0
+    decode_valid: torch.Tensor  # [B, max_blocks * block_size] bool: True where the position is in the context
+
+    @property
+    def num_decode_tokens(self) -> int:
+        return int(self.decode_block_tables.shape[0])
+
+    @classmethod
+    def build(cls, query_lens: list[int], context_lens: list[int], block_tables: list[list[int]],
+              block_size: int, device: torch.device | str = "cpu") -> AttentionMetadata:
+        """From per-sequence new-token counts, total context lengths (cached + new) and block tables."""
+        assert len(query_lens) == len(context_lens) == len(block_tables), "one entry per sequence"
+        num_seqs = len(query_lens)
+        num_prefill_seqs = num_seqs
+        while num_prefill_seqs > 0 and query_lens[num_prefill_seqs - 1] == 1:
+            num_prefill_seqs -= 1
+
+        slots: list[torch.Tensor] = []
+        prefill_slots: list[torch.Tensor] = []
+        for i, (q_len, ctx_len, table) in enumerate(zip(query_lens, context_lens, block_tables, strict=True)):
+            assert 1 <= q_len <= ctx_len, f"sequence {i}: query_len={q_len} context_len={ctx_len}"
+            assert len(table) * block_size >= ctx_len, (
+                f"sequence {i}: {len(table)} blocks of {block_size} cannot hold {ctx_len} tokens")
+            table_t = torch.tensor(table, dtype=torch.int64)
+            # Slots of all context tokens: block b holds positions [b*bs, (b+1)*bs).
+            ctx_slots = (table_t[:, None] * block_size + torch.arange(block_size)).flatten()[:ctx_len]
+            slots.append(ctx_slots[ctx_len - q_len:])
+            if i < num_prefill_seqs:
+                prefill_slots.append(ctx_slots)
+
+        decode_tables = block_tables[num_prefill_seqs:]
+        max_blocks = max((len(t) for t in decode_tables), default=0)
+        padded = torch.zeros(len(decode_tables), max_blocks, dtype=torch.int64)
+        for row, table in enumerate(decode_tables):
+            padded[row, :len(table)] = torch.tensor(table, dtype=torch.int64)
+        decode_lens = torch.tensor(context_lens[num_prefill_seqs:], dtype=torch.int64)
+        decode_valid = torch.arange(max_blocks * block_size)[None, :] < decode_lens[:, None]
+
+        def to(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device, non_blocking=True)
+
+        empty = torch.zeros(0, dtype=torch.int64)
+        return cls(
+            slot_mapping=to(torch.cat(slots) if slots else empty),
+            num_prefill_tokens=sum(query_lens[:num_prefill_seqs]),
+            prefill_query_lens=list(query_lens[:num_prefill_seqs]),
+            prefill_context_lens=list(context_lens[:num_prefill_seqs]),
+            prefill_context_slots=to(torch.cat(prefill_slots) if prefill_slots else empty),
+            decode_block_tables=to(padded),
+            decode_valid=to(decode_valid),
+        )

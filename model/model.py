@@ -1,0 +1,67 @@
+"""CustomLLM: the DeepSeek-style decoder (MLA + MoE) over a flat batch of tokens.
+
+Shapes: T tokens in the batch, D hidden, V vocab, E routed experts.
+Parameter names are exactly those of the training checkpoints (MODEL_SPEC.md).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from model.attention import MultiHeadLatentAttention
+from model.config import ModelConfig
+from model.layers import RMSNorm, rope_cos_sin
+from model.metadata import AttentionMetadata
+from model.moe import MoE
+
+
+class MLP(nn.Module):
+    """Holds the MoE under the name `mlp.moe`, matching the checkpoint tree."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.moe = MoE(config.hidden_size, config.intermediate_size, config.num_shared_experts,
+                       config.num_routed_experts, config.top_k_experts)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = MultiHeadLatentAttention(config.hidden_size, config.num_attention_heads, config.latent_dim)
+        self.post_attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata,
+                cache: torch.Tensor, expert_counts: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_norm(x), cos, sin, meta, cache)
+        return x + self.mlp.moe(self.post_attn_norm(x), expert_counts)
+
+
+class CustomLLM(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.token_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.decoder_layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        # No final norm before lm_head: the trained model has none.
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=True)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                kv_caches: list[torch.Tensor], expert_counts: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states [T, D] for a flat batch. input_ids, positions [T]; expert_counts [layers, E] accumulates
+        the tokens routed to each expert when given."""
+        x = self.token_embeddings(input_ids) + self.position_embeddings(positions)
+        cos, sin = rope_cos_sin(positions, self.config.rope_dim, self.config.rope_theta)
+        for i, layer in enumerate(self.decoder_layers):
+            counts = expert_counts[i] if expert_counts is not None else None
+            x = layer(x, cos, sin, meta, kv_caches[i], counts)
+        return x
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits [N, V] in float32 for the hidden states [N, D] of the tokens that are sampled."""
+        return self.lm_head(hidden).float()
