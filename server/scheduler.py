@@ -1,0 +1,263 @@
+"""Continuous batching: admission, chunked prefill under a token budget, and preemption.
+
+Each step the scheduler fills one flat batch of at most max_num_batched_tokens tokens:
+running decodes first (one token each, so they never stall behind a long prompt), then the
+chunks of running prefills, then new admissions in FCFS order. When the cache is full the
+most recently arrived running sequence is preempted and later recomputed from scratch
+(cheaply, when its blocks are still in the prefix cache).
+"""
+
+import bisect
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from server.block_manager import BlockManager
+from server.sequence import Sequence, SequenceStatus
+
+
+@dataclass(frozen=True, kw_only=True)
+class SchedulerConfig:
+    """Limits of one scheduling step and the shape of the paged cache."""
+
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 2048
+    block_size: int = 16
+    num_blocks: int
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "block_size", "num_blocks"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            # Otherwise some running decodes could not get their token in a step.
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= "
+                f"max_num_seqs ({self.max_num_seqs})"
+            )
+        if self.num_blocks * self.block_size < self.max_model_len:
+            # Otherwise a sequence of max_model_len tokens could never fit, even alone.
+            raise ValueError(
+                f"num_blocks * block_size ({self.num_blocks} * {self.block_size} = "
+                f"{self.num_blocks * self.block_size} tokens) must be >= max_model_len ({self.max_model_len})"
+            )
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise ValueError(f"enable_prefix_caching must be a bool, got {self.enable_prefix_caching!r}")
+
+
+@dataclass(slots=True)
+class ScheduledSequence:
+    """One sequence's share of a step: num_new_tokens tokens starting at start_pos."""
+
+    seq: Sequence
+    num_new_tokens: int
+    # Snapshots taken at scheduling time; postprocess() moves the sequence on afterwards.
+    start_pos: int = field(init=False)
+    is_prefill: bool = field(init=False)
+    # Whether this step computes the sequence's last token, so its logits must be sampled.
+    samples: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        seq = self.seq
+        assert 0 < self.num_new_tokens <= seq.num_uncomputed_tokens, (
+            f"{seq}: cannot schedule {self.num_new_tokens} tokens"
+        )
+        self.start_pos = seq.num_computed_tokens
+        self.is_prefill = seq.is_prefill
+        self.samples = seq.num_computed_tokens + self.num_new_tokens == seq.num_tokens
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    """The batch of one step and the sequences preempted to make room for it."""
+
+    scheduled: list[ScheduledSequence]
+    preempted: list[Sequence]
+    num_batched_tokens: int
+
+    @property
+    def is_empty(self) -> bool:
+        """Whether there is nothing to run this step."""
+        return not self.scheduled
+
+
+def _arrival_key(seq: Sequence) -> tuple[float, int]:
+    return (seq.arrival_time, seq.seq_id)
+
+
+class Scheduler:
+    """Chooses each step's batch; sequences move waiting -> running -> finished (or back to waiting)."""
+
+    def __init__(self, config: SchedulerConfig, clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        # Must be the clock the engine stamps arrival_time with (first_scheduled_time uses it).
+        self.clock = clock
+        self.block_manager = BlockManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.waiting: deque[Sequence] = deque()
+        # NOTE: kept sorted by (arrival_time, seq_id): serving order is FCFS, preemption takes the tail.
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    # -- queue management -------------------------------------------------------------------
+
+    @property
+    def num_waiting(self) -> int:
+        """Sequences waiting for admission (new or preempted)."""
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        """Sequences holding cache blocks."""
+        return len(self.running)
+
+    def has_unfinished(self) -> bool:
+        """Whether any sequence is waiting or running."""
+        return bool(self.waiting or self.running)
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a new sequence (its lengths must already be validated by the engine)."""
+        assert seq.status is SequenceStatus.WAITING and not seq.block_table, f"cannot add {seq}"
+        max_len = seq.num_prompt_tokens + seq.max_tokens
+        # A longer sequence would preempt itself forever once alone in the cache.
+        assert max_len <= self.config.max_model_len, (
+            f"{seq}: prompt + max_tokens = {max_len} > max_model_len {self.config.max_model_len}"
+        )
+        self.waiting.append(seq)
+
+    def abort(self, request_id: str) -> list[Sequence]:
+        """Remove, free and finish every sequence of request_id; call between steps."""
+        aborted = [s for s in self.waiting if s.request_id == request_id]
+        aborted += [s for s in self.running if s.request_id == request_id]
+        if not aborted:
+            return []
+        self.waiting = deque(s for s in self.waiting if s.request_id != request_id)
+        self.running = [s for s in self.running if s.request_id != request_id]
+        for seq in aborted:
+            self.block_manager.free(seq)
+            seq.status = SequenceStatus.FINISHED
+        return aborted
+
+    def finish(self, seq: Sequence) -> None:
+        """Free and retire a running sequence."""
+        assert seq.status is SequenceStatus.RUNNING, f"finish of a non-running {seq}"
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.FINISHED
+
+    # -- metrics ----------------------------------------------------------------------------
+
+    @property
+    def block_usage(self) -> float:
+        """Fraction of cache blocks referenced by running sequences."""
+        return self.block_manager.usage
+
+    @property
+    def num_prefix_queries_tokens(self) -> int:
+        """Cumulative tokens looked up in the prefix cache at admission."""
+        return self.block_manager.num_prefix_queries_tokens
+
+    @property
+    def num_prefix_hit_tokens(self) -> int:
+        """Cumulative tokens found in the prefix cache at admission."""
+        return self.block_manager.num_prefix_hit_tokens
+
+    # -- the step ---------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        """Pick this step's batch.
+
+        Ordering rule of `scheduled`: every prefill (is_prefill: more than the last token
+        missing; num_new_tokens >= 1) comes before every decode (num_new_tokens == 1, the
+        last token is the only one missing). Within each group, running sequences come first
+        in arrival order, then sequences admitted this step in admission order.
+        """
+        budget = self.config.max_num_batched_tokens
+        prefills: list[ScheduledSequence] = []
+        decodes: list[ScheduledSequence] = []
+        preempted: list[Sequence] = []
+
+        # One FCFS pass over `running`. A prefill chunk leaves one token of budget for every
+        # decode behind it, so decodes never stall behind a long prompt; config validation
+        # (max_num_batched_tokens >= max_num_seqs) guarantees the reserve fits.
+        num_reserved = sum(1 for s in self.running if not s.is_prefill)
+        i = 0
+        while i < len(self.running):
+            seq = self.running[i]
+            assert seq.num_uncomputed_tokens > 0, f"running {seq} has no token to compute"
+            is_decode = not seq.is_prefill
+            num_new = 1 if is_decode else min(seq.num_uncomputed_tokens, budget - num_reserved)
+            if num_new <= 0:
+                i += 1
+                continue
+            while not self.block_manager.can_append_slots(seq, num_new):
+                # The victim is the latest arrival: always at or after position i, so never
+                # a sequence already scheduled this step.
+                victim = self.running.pop()
+                if not victim.is_prefill:  # read before _preempt resets its progress
+                    num_reserved -= 1
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is seq:
+                    break
+            else:
+                self.block_manager.append_slots(seq, num_new)
+                (decodes if is_decode else prefills).append(ScheduledSequence(seq, num_new))
+                budget -= num_new
+                if is_decode:
+                    num_reserved -= 1
+                i += 1
+        assert budget >= 0 and num_reserved == 0, f"budget {budget}, reserve {num_reserved}"
+
+        # Admitting right after a preemption would only thrash: the space was just needed.
+        if not preempted:
+            budget = self._admit(budget, prefills, decodes)
+
+        scheduled = prefills + decodes
+        num_batched = sum(s.num_new_tokens for s in scheduled)
+        assert num_batched <= self.config.max_num_batched_tokens
+        assert len(self.running) <= self.config.max_num_seqs
+        return SchedulerOutput(scheduled=scheduled, preempted=preempted, num_batched_tokens=num_batched)
+
+    def _admit(self, budget: int, prefills: list[ScheduledSequence], decodes: list[ScheduledSequence]) -> int:
+        """Admit waiting sequences FCFS into the remaining budget; return the budget left."""
+        bm = self.block_manager
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            # FCFS: when the head does not fit, nobody behind it jumps ahead.
+            if not bm.can_allocate(seq, budget):
+                break
+            self.waiting.popleft()
+            bm.allocate_prompt(seq)
+            num_new = min(seq.num_uncomputed_tokens, budget)
+            bm.append_slots(seq, num_new)
+            seq.status = SequenceStatus.RUNNING
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = self.clock()
+            bisect.insort(self.running, seq, key=_arrival_key)
+            scheduled = ScheduledSequence(seq, num_new)
+            (prefills if scheduled.is_prefill else decodes).append(scheduled)
+            budget -= num_new
+        return budget
+
+    def _preempt(self, seq: Sequence) -> None:
+        # Recompute policy: drop the KV and keep the tokens; a resumed sequence re-prefills
+        # prompt + generated tokens, hitting whatever of it is still in the prefix cache.
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def postprocess(self, output: SchedulerOutput) -> None:
+        """After the forward: mark the scheduled tokens computed and publish full blocks to the cache."""
+        for scheduled in output.scheduled:
+            seq = scheduled.seq
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # aborted while the step ran; its blocks are already freed
+            seq.num_computed_tokens += scheduled.num_new_tokens
+            assert seq.num_computed_tokens <= seq.num_tokens, f"{seq} computed past its end"
+            self.block_manager.commit_computed(seq)

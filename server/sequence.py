@@ -1,0 +1,117 @@
+"""One generation stream: its tokens, how many of them have KV in the cache, and its block table."""
+
+import enum
+
+
+class SequenceStatus(enum.Enum):
+    """Where a sequence is in the scheduler's life cycle."""
+
+    WAITING = enum.auto()
+    RUNNING = enum.auto()
+    FINISHED = enum.auto()
+
+
+class Sequence:
+    """Prompt plus generated tokens of one stream, with its paged-cache bookkeeping.
+
+    NOTE: invariant 0 <= num_computed_tokens <= num_tokens. Token i has its KV in slot
+    block_table[i // block_size] * block_size + i % block_size once i < num_computed_tokens.
+    """
+
+    __slots__ = (
+        "arrival_time",
+        "block_table",
+        "data",
+        "first_scheduled_time",
+        "max_tokens",
+        "num_cached_tokens",
+        "num_computed_tokens",
+        "num_preemptions",
+        "num_prompt_tokens",
+        "request_id",
+        "seq_id",
+        "status",
+        "token_ids",
+    )
+
+    def __init__(
+        self,
+        seq_id: int,
+        request_id: str,
+        prompt_token_ids: list[int],
+        max_tokens: int,
+        arrival_time: float,
+        data: object = None,
+    ) -> None:
+        assert len(prompt_token_ids) > 0, f"seq {seq_id}: empty prompt"
+        assert max_tokens >= 0, f"seq {seq_id}: max_tokens={max_tokens} < 0"
+        self.seq_id = seq_id
+        self.request_id = request_id
+        # Copied so the caller's list (e.g. shared by n sequences of one request) is never mutated.
+        self.token_ids: list[int] = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.max_tokens = max_tokens
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = 0
+        self.block_table: list[int] = []
+        self.status = SequenceStatus.WAITING
+        self.arrival_time = arrival_time
+        self.first_scheduled_time: float | None = None
+        self.num_preemptions = 0
+        self.data = data
+
+    @property
+    def num_tokens(self) -> int:
+        """Prompt plus generated tokens."""
+        return len(self.token_ids)
+
+    @property
+    def num_generated_tokens(self) -> int:
+        """Tokens appended after the prompt."""
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def last_token_id(self) -> int:
+        """The newest token (the next decode step's input)."""
+        return self.token_ids[-1]
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        """A copy of the prompt tokens."""
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def generated_token_ids(self) -> list[int]:
+        """A copy of the generated tokens."""
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        """Tokens whose KV is not yet in the cache."""
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def is_prefill(self) -> bool:
+        """True while more than the last token lacks KV (num_computed_tokens < num_tokens - 1).
+
+        Then the next step runs a prefill chunk. Otherwise exactly the last token is missing
+        (a decode step), or nothing is (the step that computed it has just finished).
+        A preempted sequence is a prefill again: it recomputes prompt and generated tokens.
+        """
+        return self.num_computed_tokens < len(self.token_ids) - 1
+
+    @property
+    def is_finished(self) -> bool:
+        """Whether the scheduler has retired this sequence."""
+        return self.status is SequenceStatus.FINISHED
+
+    def append_token(self, token_id: int) -> None:
+        """Append a sampled token; its KV is computed by the next step."""
+        self.token_ids.append(token_id)
+
+    def __repr__(self) -> str:
+        return (
+            f"Sequence(seq_id={self.seq_id}, request_id={self.request_id!r}, "
+            f"status={self.status.name}, num_tokens={self.num_tokens}, "
+            f"num_computed_tokens={self.num_computed_tokens}, blocks={len(self.block_table)})"
+        )
