@@ -1,0 +1,53 @@
+# One command to serve, one to test. Every target sets up .venv first if it is missing or stale.
+#   make serve [MODEL=path] [HOST=0.0.0.0] [PORT=8000]
+#   make test | make lint | make bench | make clean | make distclean
+
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# Re-install only when the dependency list changes; a second `make install` is a no-op.
+STAMP  := $(VENV)/.customllm-installed
+
+# torch goes in first and pinned: pip then keeps it when it resolves the package's `torch>=2.4`,
+# instead of choosing a multi-GB CUDA build. The Dockerfile runs the same two installs
+# (tests/test_packaging.py checks that they agree).
+
+MODEL ?=
+HOST  ?= 127.0.0.1
+PORT  ?= 8000
+BENCH ?= bench/model_step.py
+
+.PHONY: install serve test lint typecheck bench clean distclean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install torch==2.13.0
+	$(BIN)/pip install -e '.[dev]'
+	touch $(STAMP)
+
+serve: $(STAMP)
+	$(BIN)/customllm-server $(if $(MODEL),--model '$(MODEL)') --host '$(HOST)' --port '$(PORT)'
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+	$(BIN)/pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python $(BENCH)
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)
