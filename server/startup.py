@@ -1,0 +1,103 @@
+"""Building an engine from user-facing settings: device and dtype choice, model loading, cache sizing."""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import torch
+
+from model import ModelConfig, PagedLatentCache, load_model
+from server.engine import Engine, EngineConfig
+from server.metrics import ServerMetrics
+from server.model_runner import ModelRunner
+from server.sampling import Sampler
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B)\s*$", re.IGNORECASE)
+_UNITS = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto = cuda when available, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was given but no CUDA device is available")
+    if name not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be auto, cpu or cuda, got {name!r}")
+    return torch.device(name)
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX-512 BF16 or AMX), which makes bf16 the fast choice."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """auto = bfloat16 on CUDA and on CPUs with native bf16 matmul, else float32."""
+    if name == "auto":
+        if device.type == "cuda" or cpu_has_native_bf16():
+            return torch.bfloat16
+        return torch.float32
+    if name not in _DTYPES:
+        raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {name!r}")
+    return _DTYPES[name]
+
+
+def parse_kv_cache_tokens(value: str, config: ModelConfig, dtype: torch.dtype) -> int:
+    """A token count ("65536") or a memory size ("2GiB", "500MB") -> tokens of cache."""
+    if value.strip().isdigit():
+        return int(value)
+    match = _SIZE.match(value)
+    if not match:
+        raise ValueError(f"--kv-cache-tokens must be a token count or a size like 2GiB, got {value!r}")
+    size = float(match.group(1)) * _UNITS[match.group(2)[:-1].lower()]
+    return int(size // PagedLatentCache.bytes_per_token(config, dtype))
+
+
+def build_engine(model_path: str | None, *, dtype: str = "auto", device: str = "auto", seed: int = 0,
+                 kv_cache_tokens: str = "2GiB", max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
+                 max_model_len: int | None = None, block_size: int = 16, enable_prefix_caching: bool = True,
+                 eos_token_id: int = 0, metrics: ServerMetrics | None = None,
+                 model_config: ModelConfig | None = None) -> Engine:
+    """Load the model and size its cache; the engine is returned not yet started."""
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    if model_path is None:
+        logger.warning("\n" + "!" * 78 + "\n!! No --model given: serving the seed architecture with RANDOM weights. "
+                       "Its output is\n!! noise. Pass --model PATH to serve a trained checkpoint.\n" + "!" * 78)
+    model = load_model(model_path, dtype=torch_dtype, device=torch_device, seed=seed, config=model_config)
+    config = model.config
+    max_len = max_model_len or config.max_position_embeddings
+    if max_len > config.max_position_embeddings:
+        raise ValueError(f"--max-model-len {max_len} exceeds the model's max_position_embeddings "
+                         f"{config.max_position_embeddings}")
+    tokens = parse_kv_cache_tokens(kv_cache_tokens, config, torch_dtype)
+    num_blocks = -(-tokens // block_size)
+    if num_blocks * block_size < max_len:
+        raise ValueError(f"--kv-cache-tokens gives room for {num_blocks * block_size} tokens, less than one "
+                         f"sequence of max_model_len={max_len}; raise it to at least {max_len}")
+    engine_config = EngineConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                                 max_model_len=max_len, block_size=block_size, num_blocks=num_blocks,
+                                 enable_prefix_caching=enable_prefix_caching)
+    engine_config.scheduler_config()  # validates the limits against each other before allocating the cache
+    cache = PagedLatentCache(config, num_blocks, block_size, torch_dtype, torch_device)
+    per_token = PagedLatentCache.bytes_per_token(config, torch_dtype)
+    logger.info("model: %s params, %s on %s; KV cache: %d tokens (%d blocks of %d), %s bytes per token "
+                "(%.1f KB), %.2f GiB", f"{sum(p.numel() for p in model.parameters()):,}", torch_dtype,
+                torch_device, num_blocks * block_size, num_blocks, block_size, f"{per_token:,}", per_token / 1000,
+                per_token * num_blocks * block_size / 2**30)
+    if metrics is not None:
+        metrics.set_kv_cache_info(per_token, num_blocks * block_size)
+        metrics.set_info(model_path or "random-seed-weights", str(torch_dtype).removeprefix("torch."),
+                         str(torch_device))
+    runner = ModelRunner(model, cache, Sampler(seed=seed), eos_token_id)
+    return Engine(runner, engine_config, config.vocab_size, metrics)

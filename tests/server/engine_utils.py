@@ -1,0 +1,51 @@
+"""Building a tiny real engine for tests, and driving it from synchronous test code."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import torch
+
+from model import PagedLatentCache, load_model
+from server.engine import Engine, EngineConfig, SequenceOutput
+from server.model_runner import ModelRunner
+from server.sampling import Sampler, SamplingParams
+from tests.model.conftest import TINY, randomise
+
+
+def make_engine(num_blocks: int = 256, block_size: int = 4, max_num_seqs: int = 32,
+                max_num_batched_tokens: int = 256, max_model_len: int = 256, seed: int = 1,
+                enable_prefix_caching: bool = True) -> Engine:
+    """A float32 TINY engine (vocab 97, EOS 0); not started."""
+    model_config = dataclasses.replace(TINY, max_position_embeddings=max(max_model_len, 256))
+    model = load_model(None, dtype=torch.float32, config=model_config)
+    randomise(model, seed)
+    cache = PagedLatentCache(model_config, num_blocks, block_size, torch.float32)
+    config = EngineConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                          max_model_len=max_model_len, block_size=block_size, num_blocks=num_blocks,
+                          enable_prefix_caching=enable_prefix_caching)
+    return Engine(ModelRunner(model, cache, Sampler(seed=0), eos_token_id=0), config, TINY.vocab_size)
+
+
+async def collect(engine: Engine, request_id: str, prompt: list[int],
+                  params: SamplingParams) -> dict[int, tuple[list[int], str]]:
+    """Run one request to the end: sample index -> (tokens, finish_reason)."""
+    tokens: dict[int, list[int]] = {}
+    reasons: dict[int, str] = {}
+    async for batch in engine.add_request(request_id, prompt, params):
+        for out in batch:
+            tokens.setdefault(out.index, []).extend(out.token_ids)
+            if out.finish_reason is not None:
+                reasons[out.index] = out.finish_reason
+    return {i: (tokens.get(i, []), reasons[i]) for i in reasons}
+
+
+def run_all(engine: Engine, requests: list[tuple[list[int], SamplingParams]]) -> list[dict[int, tuple[list[int], str]]]:
+    """Submit all requests at once and wait for all of them."""
+    async def main() -> list[dict[int, tuple[list[int], str]]]:
+        return await asyncio.gather(*(collect(engine, f"r{i}", p, sp) for i, (p, sp) in enumerate(requests)))
+    return asyncio.run(main())
+
+
+__all__ = ["SequenceOutput", "collect", "make_engine", "run_all"]
