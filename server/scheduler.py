@@ -33,12 +33,6 @@ class SchedulerConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.max_num_batched_tokens < self.max_num_seqs:
-            # Otherwise some running decodes could not get their token in a step.
-            raise ValueError(
-                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= "
-                f"max_num_seqs ({self.max_num_seqs})"
-            )
         if self.num_blocks * self.block_size < self.max_model_len:
             # Otherwise a sequence of max_model_len tokens could never fit, even alone.
             raise ValueError(
@@ -181,16 +175,17 @@ class Scheduler:
         preempted: list[Sequence] = []
 
         # One FCFS pass over `running`. A prefill chunk leaves one token of budget for every
-        # decode behind it, so decodes never stall behind a long prompt; config validation
-        # (max_num_batched_tokens >= max_num_seqs) guarantees the reserve fits.
+        # decode behind it, so decodes never stall behind a long prompt (as long as
+        # max_num_batched_tokens >= max_num_seqs; otherwise the latest decodes wait a step).
         num_reserved = sum(1 for s in self.running if not s.is_prefill)
         i = 0
         while i < len(self.running):
             seq = self.running[i]
             assert seq.num_uncomputed_tokens > 0, f"running {seq} has no token to compute"
             is_decode = not seq.is_prefill
-            num_new = 1 if is_decode else min(seq.num_uncomputed_tokens, budget - num_reserved)
+            num_new = min(1, budget) if is_decode else min(seq.num_uncomputed_tokens, budget - num_reserved)
             if num_new <= 0:
+                num_reserved -= is_decode
                 i += 1
                 continue
             while not self.block_manager.can_append_slots(seq, num_new):
