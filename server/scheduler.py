@@ -184,8 +184,9 @@ class Scheduler:
             assert seq.num_uncomputed_tokens > 0, f"running {seq} has no token to compute"
             is_decode = not seq.is_prefill
             num_new = min(1, budget) if is_decode else min(seq.num_uncomputed_tokens, budget - num_reserved)
-            if num_new <= 0:
-                num_reserved -= is_decode
+            if num_new <= 0:  # out of budget: this one waits for the next step
+                if is_decode:
+                    num_reserved -= 1
                 i += 1
                 continue
             while not self.block_manager.can_append_slots(seq, num_new):
