@@ -172,6 +172,16 @@ def test_budget_and_max_num_seqs_are_respected(prefix_caching: bool) -> None:
     eng.assert_all_free()
 
 
+def test_more_running_decodes_than_budget_take_turns() -> None:
+    eng = SimEngine(max_num_seqs=8, max_num_batched_tokens=4, max_model_len=32, block_size=4, num_blocks=64)
+    seqs = [eng.add([i, i + 1], max_tokens=6) for i in range(8)]
+    eng.run()
+    assert all(o.num_batched_tokens <= 4 for o in eng.outputs)
+    assert max(len(o.scheduled) for o in eng.outputs) == 4
+    assert all(s.num_generated_tokens == 6 for s in seqs)
+    eng.assert_all_free()
+
+
 def test_long_prompt_is_chunked_while_decodes_progress_every_step() -> None:
     eng = SimEngine(max_num_batched_tokens=512, max_model_len=2048, num_blocks=400)
     decoders = [eng.add(list(range(i, i + 10)), max_tokens=100) for i in range(8)]
