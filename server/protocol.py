@@ -8,6 +8,7 @@ API layer. Serialize responses with `model_dump()`/`model_dump_json()`, not `exc
 import math
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal, Self
 
 from pydantic import (
@@ -311,7 +312,7 @@ def _finite_logprob(value: float) -> float:
 
 
 Logprob = Annotated[float, PlainSerializer(_finite_logprob)]
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "abort", "error"]
 
 
 def random_id(prefix: str) -> str:
@@ -526,7 +527,11 @@ def _param(loc: tuple[int | str, ...]) -> str:
 
 def describe_validation_error(err: ValidationError) -> tuple[str, str | None]:
     """(message, param) for a request's ValidationError; the message names the offending field."""
-    errors = err.errors(include_url=False)
+    return describe_errors(err.errors(include_url=False))
+
+
+def describe_errors(errors: Sequence[Any]) -> tuple[str, str | None]:
+    """(message, param) for pydantic error dicts (FastAPI's body errors with the leading 'body' removed)."""
     first = errors[0]
     more = f" (and {len(errors) - 1} more errors)" if len(errors) > 1 else ""
     cause = first.get("ctx", {}).get("error")

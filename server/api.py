@@ -1,0 +1,245 @@
+"""The FastAPI app: routes, OpenAI-style errors, API key, body-size limit, HTTP metrics, engine lifespan."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hmac
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from server.engine import Engine
+from server.metrics import ServerMetrics
+from server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+    chat_template_input,
+    describe_errors,
+)
+from server.serving import APIError, OpenAIServing, ServingLimits
+from server.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+VERSION = "0.1.0"
+ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/tokenize", "/detokenize", "/health",
+          "/version", "/metrics")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerSettings:
+    """HTTP-level settings (the engine's own limits live in EngineConfig)."""
+
+    served_model_name: str = "customllm"
+    api_key: str | None = None
+    max_queued_requests: int = 1024
+    max_request_bytes: int = 1 << 20
+    cors_allow_origins: tuple[str, ...] = ()
+
+
+def error_response(status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    body = ErrorResponse.of(message, type, param, status).model_dump()
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class GuardMiddleware:
+    """Outermost layer: HTTP metrics by route template, the API key on /v1/*, and the request-body limit.
+
+    The body is read here, up to the limit, and replayed to the app, so an oversized or endless upload is cut off
+    before any parsing; after the body, the app's receive() reaches the client again (disconnect detection).
+    """
+
+    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]], settings: ServerSettings,
+                 metrics: ServerMetrics) -> None:
+        self.app = app
+        self.settings = settings
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        route = path if path in ROUTES else "other"
+        status = 500
+
+        async def send_counted(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self._guarded(scope, receive, send_counted, path)
+        finally:
+            self.metrics.observe_http(route, status)
+
+    async def _guarded(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
+        key = self.settings.api_key
+        if key is not None and path.startswith("/v1/"):
+            given = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            scheme, _, token = given.partition(" ")
+            # Constant-time compare, on bytes so non-ASCII input cannot raise.
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode("utf-8"), key.encode("utf-8")):
+                await error_response(401, "Invalid or missing API key: send 'Authorization: Bearer <key>'",
+                                     "AuthenticationError")(scope, receive, send)
+                return
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        limit = self.settings.max_request_bytes
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > limit:
+                await error_response(413, f"request body exceeds the limit of {limit} bytes",
+                                     param="body")(scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+def _validation_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = [dict(e) for e in exc.errors()]
+    for e in errors:
+        loc = tuple(e.get("loc", ()))
+        e["loc"] = loc[1:] if loc[:1] == ("body",) else loc
+    first = errors[0] if errors else {}
+    if first.get("type") == "json_invalid":
+        return error_response(400, f"Invalid JSON body: {first.get('ctx', {}).get('error', 'malformed JSON')}",
+                              param="body")
+    message, param = describe_errors(errors) if errors else ("Invalid request", None)
+    return error_response(400, message, param=param)
+
+
+def create_app(engine: Engine, tokenizer: Tokenizer, settings: ServerSettings, metrics: ServerMetrics) -> FastAPI:
+    """The HTTP app; its lifespan starts and stops the engine."""
+    limits = ServingLimits(settings.served_model_name, engine.config.max_model_len, settings.max_queued_requests)
+    serving = OpenAIServing(engine, tokenizer, limits)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if not engine.is_alive:
+            engine.start()
+        try:
+            yield
+        finally:
+            engine.shutdown()
+
+    app = FastAPI(title="CustomLLM Server", version=VERSION, lifespan=lifespan)
+    app.state.draining = False
+    app.state.engine = engine
+
+    def unavailable() -> JSONResponse | None:
+        if app.state.draining:
+            return error_response(503, "the server is shutting down", "ServiceUnavailableError",
+                                  headers={"Retry-After": "5"})
+        if not engine.is_alive:
+            return error_response(503, f"the engine is not running: {engine.dead_reason or 'stopped'}",
+                                  "ServiceUnavailableError")
+        return None
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+        return error_response(exc.status, exc.message, exc.type, exc.param, exc.headers)
+
+    app.add_exception_handler(RequestValidationError, _validation_error)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "NotFoundError" if exc.status_code == 404 else "invalid_request_error"
+        return error_response(exc.status_code, str(exc.detail), kind)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error")  # details go to the log, never to the client
+        return error_response(500, "internal server error", "InternalServerError")
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        return unavailable() or await serving.completions(body, request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        return unavailable() or await serving.chat(body, request)
+
+    @app.get("/v1/models")
+    async def models() -> ModelList:
+        return ModelList(data=[ModelCard(id=settings.served_model_name, max_model_len=limits.max_model_len)])
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
+        serving.check_model(body.model)
+        if body.messages is not None:
+            tokens = tokenizer.encode_chat(chat_template_input(body.messages), body.add_generation_prompt)
+        else:
+            tokens = tokenizer.encode(body.prompt or "")
+        return TokenizeResponse(tokens=tokens, count=len(tokens), max_model_len=limits.max_model_len)
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
+        serving.check_model(body.model)
+        bad = next((t for t in body.tokens if t >= tokenizer.vocab_size), None)
+        if bad is not None:
+            raise APIError(400, f"token id {bad} is outside the vocabulary [0, {tokenizer.vocab_size})",
+                           param="tokens")
+        return DetokenizeResponse(prompt=tokenizer.decode(body.tokens))
+
+    @app.get("/health")
+    async def health() -> Response:
+        return unavailable() or Response(status_code=200)
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": VERSION}
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    if settings.cors_allow_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_allow_origins),
+                           allow_methods=["GET", "POST"], allow_headers=["*"])
+    app.add_middleware(GuardMiddleware, settings=settings, metrics=metrics)
+    return app
+
+
+

@@ -1,0 +1,72 @@
+"""One choice of a response: token ids in, text deltas out, with stop strings, logprobs and token counts."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from server.engine import SequenceOutput
+from server.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
+
+
+@dataclasses.dataclass
+class TokenLogprob:
+    """One generated token's logprob entry: its id, logprob and the top alternatives (id, logprob)."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+    text_offset: int  # characters of output text before this token
+
+
+class ChoiceBuilder:
+    """Accumulates one sample's outputs. `finish_reason` is set once the choice is complete."""
+
+    def __init__(self, index: int, tokenizer: Tokenizer, prompt_token_ids: list[int], stop: list[str],
+                 include_stop_str_in_output: bool, skip_special_tokens: bool, stop_token_ids: tuple[int, ...],
+                 text_offset_base: int = 0) -> None:
+        self.index = index
+        self._detokenizer = IncrementalDetokenizer(tokenizer, prompt_token_ids, skip_special_tokens)
+        self._matcher = StopStringMatcher(stop, include_stop_str_in_output)
+        self._stop_token_ids = stop_token_ids
+        self._offset_base = text_offset_base
+        self.text = ""
+        self.num_tokens = 0
+        self.logprobs: list[TokenLogprob] = []
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None  # the stop string or stop token id that ended it
+
+    @property
+    def stopped_by_string(self) -> bool:
+        return self._matcher.stopped
+
+    def add(self, out: SequenceOutput) -> str:
+        """Consume the engine's new tokens; return the text they finalise (after stop-string hold-back)."""
+        if self.finish_reason is not None:
+            return ""  # tokens the engine made before it saw our stop-string abort
+        emitted = []
+        for i, token_id in enumerate(out.token_ids):
+            self.num_tokens += 1
+            if out.logprobs is not None and out.top_logprobs is not None:
+                self.logprobs.append(TokenLogprob(token_id, out.logprobs[i], out.top_logprobs[i],
+                                                  self._offset_base + len(self.text) + len("".join(emitted))))
+            text, stopped = self._matcher.add(self._detokenizer.add(token_id))
+            emitted.append(text)
+            if stopped:
+                self.finish_reason, self.stop_reason = "stop", self._matcher.stop_str
+                return self._emit("".join(emitted))
+        if out.finish_reason is not None:
+            text, stopped = self._matcher.add(self._detokenizer.flush())
+            emitted.append(text)
+            if stopped:
+                self.finish_reason, self.stop_reason = "stop", self._matcher.stop_str
+            else:
+                emitted.append(self._matcher.flush())
+                self.finish_reason = out.finish_reason
+                last = out.token_ids[-1] if out.token_ids else None
+                if out.finish_reason == "stop" and last in self._stop_token_ids:
+                    self.stop_reason = last
+        return self._emit("".join(emitted))
+
+    def _emit(self, text: str) -> str:
+        self.text += text
+        return text

@@ -1,0 +1,138 @@
+"""Command line: flags (each also read from CUSTOMLLM_<FLAG>), engine construction and the uvicorn launch."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from types import FrameType
+
+import uvicorn
+
+from model import CheckpointError
+from server.api import ServerSettings, create_app
+from server.metrics import ServerMetrics
+from server.startup import build_engine
+from server.tokenizer import load_tokenizer
+
+logger = logging.getLogger("server")
+
+ENV_PREFIX = "CUSTOMLLM_"
+
+
+def _env_name(flag: str) -> str:
+    return ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="customllm-server", description="OpenAI-compatible server for CustomLLM (MLA + MoE).",
+        epilog="Every flag can also be set with an environment variable: CUSTOMLLM_<FLAG>, e.g. CUSTOMLLM_PORT=9000. "
+               "A flag on the command line wins over the environment.")
+    add = parser.add_argument
+    add("--model", default=None, help="checkpoint file or directory; absent = the seed architecture with RANDOM "
+                                      "weights (for trying the server, not for real use)")
+    add("--tokenizer", default=None, help="tokenizer.json file or directory (default: tokenizer.json beside the "
+                                          "model, else the bundled cosmo2 tokenizer)")
+    add("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 to listen on all)")
+    add("--port", type=int, default=8000)
+    add("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+        help="auto = bfloat16 on CUDA and on CPUs with native bf16, else float32")
+    add("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    add("--served-model-name", default="customllm", help="the model id clients send and /v1/models lists")
+    add("--max-num-seqs", type=_positive_int, default=64, help="sequences running at once")
+    add("--max-num-batched-tokens", type=_positive_int, default=512,
+        help="tokens per engine step (prefill chunks + decodes)")
+    add("--max-model-len", type=_positive_int, default=None,
+        help="context limit, prompt + output (default: the model's max_position_embeddings)")
+    add("--kv-cache-tokens", default="2GiB", help="KV cache size: tokens (65536) or memory (2GiB, 500MB)")
+    add("--block-size", type=_positive_int, default=16, help="tokens per KV cache block")
+    add("--enable-prefix-caching", type=_bool, default=True, help="reuse cached blocks of shared prefixes")
+    add("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    add("--seed", type=int, default=0, help="seed for random weights and for unseeded sampling")
+    add("--max-queued-requests", type=_positive_int, default=1024,
+        help="waiting requests beyond this get 503 with Retry-After")
+    add("--max-request-bytes", type=_positive_int, default=1 << 20, help="largest accepted request body")
+    add("--shutdown-timeout", type=float, default=30.0,
+        help="on SIGTERM, seconds to let in-flight requests finish")
+    add("--cors-allow-origins", default="", help="comma-separated origins allowed by CORS (default: CORS off)")
+    add("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    # Defaults come from the environment, so `--help` shows the effective values.
+    for action in parser._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        env = os.environ.get(_env_name(action.option_strings[0]))
+        if env is not None:
+            try:
+                action.default = action.type(env) if callable(action.type) else env
+            except (ValueError, argparse.ArgumentTypeError) as exc:
+                parser.error(f"{_env_name(action.option_strings[0])}={env!r}: {exc}")
+            if action.choices is not None and action.default not in action.choices:
+                parser.error(f"{_env_name(action.option_strings[0])}={env!r}: choose from {list(action.choices)}")
+    return parser
+
+
+class _DrainingServer(uvicorn.Server):
+    """On SIGTERM/SIGINT: mark the app as draining (503 for new work) and let uvicorn's graceful shutdown run."""
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        app = self.config.loaded_app if self.config.loaded else None
+        state_app = getattr(app, "app", app)  # uvicorn may wrap the app in a proxy middleware
+        while state_app is not None and not hasattr(state_app, "state"):
+            state_app = getattr(state_app, "app", None)
+        if state_app is not None:
+            state_app.state.draining = True
+        super().handle_exit(sig, frame)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        tokenizer_path = args.tokenizer
+        if tokenizer_path is None and args.model and os.path.isfile(os.path.join(args.model, "tokenizer.json")):
+            tokenizer_path = os.path.join(args.model, "tokenizer.json")
+        tokenizer = load_tokenizer(tokenizer_path)
+        metrics = ServerMetrics()
+        engine = build_engine(args.model, dtype=args.dtype, device=args.device, seed=args.seed,
+                              kv_cache_tokens=args.kv_cache_tokens, max_num_seqs=args.max_num_seqs,
+                              max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+                              block_size=args.block_size, enable_prefix_caching=args.enable_prefix_caching,
+                              eos_token_id=tokenizer.eos_token_id, metrics=metrics)
+        if engine.vocab_size != tokenizer.vocab_size:
+            raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+                             f"{engine.vocab_size}; pass the matching --tokenizer")
+    except (CheckpointError, ValueError, OSError) as exc:
+        print(f"customllm-server: error: {exc}", file=sys.stderr)
+        return 2
+    settings = ServerSettings(
+        served_model_name=args.served_model_name, api_key=args.api_key or None,
+        max_queued_requests=args.max_queued_requests, max_request_bytes=args.max_request_bytes,
+        cors_allow_origins=tuple(o.strip() for o in args.cors_allow_origins.split(",") if o.strip()))
+    app = create_app(engine, tokenizer, settings, metrics)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=args.shutdown_timeout)
+    logger.info("serving %s on http://%s:%d", args.served_model_name, args.host, args.port)
+    _DrainingServer(config).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

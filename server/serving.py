@@ -1,0 +1,367 @@
+"""OpenAI completions and chat completions on top of the engine: prompts in, JSON bodies or SSE chunks out."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
+
+from server.choice import ChoiceBuilder
+from server.engine import Engine, EngineDeadError, RequestStream, SequenceOutput
+from server.protocol import (
+    ChatChoiceLogprobs,
+    ChatCompletionChoice,
+    ChatCompletionChunk,
+    ChatCompletionLogprob,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatCompletionStreamChoice,
+    ChatResponseMessage,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    CompletionStreamResponse,
+    DeltaMessage,
+    TopLogprob,
+    UsageInfo,
+    chat_template_input,
+)
+from server.sampling import SamplingParams
+from server.tokenizer import Tokenizer
+
+MAX_CHOICES = 256  # prompts x n in one request
+
+
+class APIError(Exception):
+    """An error answered with OpenAI's error body."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.headers = status, message, type, param, headers
+
+
+@dataclasses.dataclass(frozen=True)
+class ServingLimits:
+    """What the HTTP layer admits."""
+
+    served_model_name: str
+    max_model_len: int
+    max_queued_requests: int
+
+
+@dataclasses.dataclass
+class _Prompt:
+    token_ids: list[int]
+    text: str
+
+
+def _sse(payload: BaseModel | str) -> str:
+    body = payload if isinstance(payload, str) else payload.model_dump_json()
+    return f"data: {body}\n\n"
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+class OpenAIServing:
+    """The two generation endpoints; everything else in the API is a thin route."""
+
+    def __init__(self, engine: Engine, tokenizer: Tokenizer, limits: ServingLimits) -> None:
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.limits = limits
+
+    # -- shared ------------------------------------------------------------------------------------
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.limits.served_model_name:
+            raise APIError(404, f"The model '{model}' does not exist; this server serves "
+                                f"'{self.limits.served_model_name}'", "NotFoundError", "model")
+
+    def _sampling_params(self, req: CompletionRequest | ChatCompletionRequest, max_tokens: int,
+                         logprobs: int | None, extra_stop_ids: tuple[int, ...] = ()) -> SamplingParams:
+        try:
+            params = SamplingParams(
+                n=req.n, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
+                presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+                repetition_penalty=req.repetition_penalty, logit_bias=req.logit_bias or (), seed=req.seed,
+                max_tokens=max_tokens, min_tokens=req.min_tokens,
+                stop_token_ids=tuple(req.stop_token_ids or ()) + extra_stop_ids, ignore_eos=req.ignore_eos,
+                logprobs=logprobs, stop=tuple(req.stop_strings),
+                include_stop_str_in_output=req.include_stop_str_in_output,
+                skip_special_tokens=req.skip_special_tokens)
+            params.validate_token_ids(self.tokenizer.vocab_size)
+        except ValueError as exc:
+            raise APIError(400, str(exc), param=_field_in(str(exc))) from exc
+        return params
+
+    def _validate_prompt(self, prompt: _Prompt, params: SamplingParams) -> None:
+        try:
+            self.engine.validate(prompt.token_ids, params)
+        except ValueError as exc:
+            param = "max_tokens" if "context length" in str(exc) else "prompt"
+            raise APIError(400, str(exc), param=param) from exc
+
+    def _start(self, request_id: str, prompts: list[_Prompt], params: SamplingParams) -> list[RequestStream]:
+        if len(prompts) * params.n > MAX_CHOICES:
+            raise APIError(400, f"{len(prompts)} prompts x n={params.n} exceeds {MAX_CHOICES} choices per request",
+                           param="n")
+        for prompt in prompts:
+            self._validate_prompt(prompt, params)
+        waiting = self.engine.num_unfinished - self.engine.scheduler.num_running
+        if waiting >= self.limits.max_queued_requests:
+            raise APIError(503, f"the server is busy: {waiting} requests are waiting (limit "
+                                f"{self.limits.max_queued_requests}); retry later", "ServiceUnavailableError",
+                           headers={"Retry-After": "1"})
+        try:
+            return [self.engine.add_request(f"{request_id}-{i}", p.token_ids, params) for i, p in enumerate(prompts)]
+        except EngineDeadError as exc:
+            raise APIError(503, f"the engine is not running: {exc}", "ServiceUnavailableError") from exc
+
+    def _builders(self, prompts: list[_Prompt], params: SamplingParams, echo: bool) -> list[ChoiceBuilder]:
+        return [ChoiceBuilder(p_idx * params.n + i, self.tokenizer, prompt.token_ids, list(params.stop),
+                              params.include_stop_str_in_output, params.skip_special_tokens, params.stop_token_ids,
+                              text_offset_base=len(prompt.text) if echo else 0)
+                for p_idx, prompt in enumerate(prompts) for i in range(params.n)]
+
+    async def _outputs(self, request_id: str, streams: list[RequestStream],
+                       builders: list[ChoiceBuilder]) -> AsyncIterator[tuple[ChoiceBuilder, str, SequenceOutput]]:
+        """Every output of every stream as (its choice, the text it adds, the raw output); aborts on exit."""
+        n = len(builders) // len(streams)
+        queue: asyncio.Queue[tuple[int, list[SequenceOutput]] | None] = asyncio.Queue()
+
+        async def pump(p_idx: int, stream: RequestStream) -> None:
+            async for batch in stream:
+                await queue.put((p_idx, batch))
+            await queue.put(None)
+
+        tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+        try:
+            remaining = len(streams)
+            while remaining:
+                item = await queue.get()
+                if item is None:
+                    remaining -= 1
+                    continue
+                p_idx, batch = item
+                for out in batch:
+                    builder = builders[p_idx * n + out.index]
+                    was_finished = builder.finish_reason is not None
+                    text = builder.add(out)
+                    if was_finished:
+                        continue
+                    if builder.stopped_by_string:
+                        self.engine.abort(f"{request_id}-{p_idx}", out.index, "stop")
+                    yield builder, text, out
+        finally:
+            for task in tasks:
+                task.cancel()
+            for i in range(len(streams)):
+                if any(b.finish_reason is None for b in builders[i * n:(i + 1) * n]):
+                    self.engine.abort(f"{request_id}-{i}")
+
+    async def _respond(self, request: Request, make_body: Callable[[], Any]) -> Response:
+        """Run a non-streaming request, abandoning it (and freeing its cache) if the client goes away."""
+        work = asyncio.ensure_future(make_body())
+        watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+        try:
+            await asyncio.wait([work, watcher], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+        if not work.done():
+            work.cancel()
+            return Response(status_code=499)  # nobody is listening; the status is for the access log
+        return work.result()
+
+    # -- completions ---------------------------------------------------------------------------------
+
+    def _completion_prompts(self, req: CompletionRequest) -> list[_Prompt]:
+        prompts = []
+        for p in req.prompts:
+            if isinstance(p, str):
+                prompts.append(_Prompt(self.tokenizer.encode(p), p))
+            else:
+                bad = next((t for t in p if t >= self.tokenizer.vocab_size), None)
+                if bad is not None:
+                    raise APIError(400, f"prompt token id {bad} is outside the vocabulary "
+                                        f"[0, {self.tokenizer.vocab_size})", param="prompt")
+                prompts.append(_Prompt(p, self.tokenizer.decode(p, skip_special_tokens=False) if req.echo else ""))
+        for p in prompts:
+            if not p.token_ids:
+                raise APIError(400, "prompt encodes to no tokens", param="prompt")
+        return prompts
+
+    async def completions(self, req: CompletionRequest, request: Request) -> Response:
+        self.check_model(req.model)
+        if req.echo and req.logprobs is not None:
+            raise APIError(400, "echo together with logprobs (prompt logprobs) is not supported", param="echo")
+        prompts = self._completion_prompts(req)
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        model = self.limits.served_model_name
+        if req.max_tokens == 0:  # echo only: score nothing, return the prompt
+            choices = [CompletionChoice(index=i * req.n + j, text=p.text, finish_reason="length")
+                       for i, p in enumerate(prompts) for j in range(req.n)]
+            usage = UsageInfo.of(sum(len(p.token_ids) for p in prompts), 0)
+            return JSONResponse(CompletionResponse(id=request_id, created=created, model=model, choices=choices,
+                                                   usage=usage).model_dump())
+        params = self._sampling_params(req, req.max_tokens, req.logprobs)
+        streams = self._start(request_id, prompts, params)
+        builders = self._builders(prompts, params, req.echo)
+        num_prompt_tokens = sum(len(p.token_ids) for p in prompts)
+        outputs = self._outputs(request_id, streams, builders)
+
+        def logprobs_of(builder: ChoiceBuilder, start: int) -> CompletionLogprobs | None:
+            if req.logprobs is None:
+                return None
+            entries = builder.logprobs[start:]
+            text = self.tokenizer.token_text
+            return CompletionLogprobs(
+                tokens=[text(e.token_id) for e in entries], token_logprobs=[e.logprob for e in entries],
+                top_logprobs=[{text(t): lp for t, lp in e.top} for e in entries],
+                text_offset=[e.text_offset for e in entries])
+
+        def usage() -> UsageInfo:
+            return UsageInfo.of(num_prompt_tokens, sum(b.num_tokens for b in builders))
+
+        if not req.stream:
+            async def body() -> Response:
+                async for _ in outputs:
+                    pass
+                _raise_if_failed(builders)
+                choices = [CompletionChoice(
+                    index=b.index, text=(prompts[b.index // req.n].text if req.echo else "") + b.text,
+                    logprobs=logprobs_of(b, 0), finish_reason=b.finish_reason, stop_reason=b.stop_reason)
+                    for b in builders]
+                return JSONResponse(CompletionResponse(id=request_id, created=created, model=model,
+                                                       choices=choices, usage=usage()).model_dump())
+            return await self._respond(request, body)
+
+        options = req.stream_options
+        continuous = bool(options and options.continuous_usage_stats)
+
+        async def events() -> AsyncIterator[str]:
+            sent_logprobs = {b.index: 0 for b in builders}
+
+            def chunk(choice: CompletionChoice) -> str:
+                return _sse(CompletionStreamResponse(id=request_id, created=created, model=model, choices=[choice],
+                                                     usage=usage() if continuous else None))
+            if req.echo:
+                for b in builders:
+                    yield chunk(CompletionChoice(index=b.index, text=prompts[b.index // req.n].text))
+            async for builder, text, _ in outputs:
+                lp = logprobs_of(builder, sent_logprobs[builder.index])
+                sent_logprobs[builder.index] = len(builder.logprobs)
+                if text or builder.finish_reason is not None or (lp is not None and lp.tokens):
+                    yield chunk(CompletionChoice(index=builder.index, text=text, logprobs=lp,
+                                                 finish_reason=builder.finish_reason, stop_reason=builder.stop_reason))
+            if options and options.include_usage:
+                yield _sse(CompletionStreamResponse(id=request_id, created=created, model=model, choices=[],
+                                                    usage=usage()))
+            yield _sse("[DONE]")
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    # -- chat ------------------------------------------------------------------------------------------
+
+    async def chat(self, req: ChatCompletionRequest, request: Request) -> Response:
+        self.check_model(req.model)
+        try:
+            token_ids = self.tokenizer.encode_chat(chat_template_input(req.messages))
+        except (TypeError, ValueError) as exc:
+            raise APIError(400, f"cannot render messages: {exc}", param="messages") from exc
+        prompt = _Prompt(token_ids, "")
+        max_tokens = req.max_tokens_limit
+        if max_tokens is None:
+            max_tokens = self.limits.max_model_len - len(token_ids)
+            if max_tokens < 1:
+                raise APIError(400, f"this model's maximum context length is {self.limits.max_model_len} tokens, "
+                                    f"but the messages take {len(token_ids)} tokens", param="messages")
+        top = (req.top_logprobs or 0) if req.logprobs else None
+        params = self._sampling_params(req, max_tokens, top, self.tokenizer.chat_stop_token_ids)
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        model = self.limits.served_model_name
+        streams = self._start(request_id, [prompt], params)
+        builders = self._builders([prompt], params, echo=False)
+        outputs = self._outputs(request_id, streams, builders)
+
+        def logprobs_of(builder: ChoiceBuilder, start: int) -> ChatChoiceLogprobs | None:
+            if not req.logprobs:
+                return None
+            tok = self.tokenizer
+
+            def entry(token_id: int, lp: float) -> TopLogprob:
+                return TopLogprob(token=tok.token_text(token_id), logprob=lp, bytes=list(tok.token_bytes(token_id)))
+            content = [ChatCompletionLogprob(**entry(e.token_id, e.logprob).model_dump(),
+                                             top_logprobs=[entry(t, lp) for t, lp in e.top])
+                       for e in builder.logprobs[start:]]
+            return ChatChoiceLogprobs(content=content)
+
+        def usage() -> UsageInfo:
+            return UsageInfo.of(len(token_ids), sum(b.num_tokens for b in builders))
+
+        if not req.stream:
+            async def body() -> Response:
+                async for _ in outputs:
+                    pass
+                _raise_if_failed(builders)
+                choices = [ChatCompletionChoice(index=b.index, message=ChatResponseMessage(content=b.text),
+                                                logprobs=logprobs_of(b, 0), finish_reason=b.finish_reason,
+                                                stop_reason=b.stop_reason) for b in builders]
+                return JSONResponse(ChatCompletionResponse(id=request_id, created=created, model=model,
+                                                           choices=choices, usage=usage()).model_dump())
+            return await self._respond(request, body)
+
+        options = req.stream_options
+        continuous = bool(options and options.continuous_usage_stats)
+
+        async def events() -> AsyncIterator[str]:
+            sent_logprobs = {b.index: 0 for b in builders}
+
+            def chunk(choice: ChatCompletionStreamChoice) -> str:
+                return _sse(ChatCompletionChunk(id=request_id, created=created, model=model, choices=[choice],
+                                                usage=usage() if continuous else None))
+            for b in builders:
+                yield chunk(ChatCompletionStreamChoice(index=b.index, delta=DeltaMessage(role="assistant", content="")))
+            async for builder, text, _ in outputs:
+                lp = logprobs_of(builder, sent_logprobs[builder.index])
+                sent_logprobs[builder.index] = len(builder.logprobs)
+                if text or builder.finish_reason is not None or (lp is not None and lp.content):
+                    yield chunk(ChatCompletionStreamChoice(
+                        index=builder.index, delta=DeltaMessage(content=text) if text else DeltaMessage(),
+                        logprobs=lp, finish_reason=builder.finish_reason, stop_reason=builder.stop_reason))
+            if options and options.include_usage:
+                yield _sse(ChatCompletionChunk(id=request_id, created=created, model=model, choices=[],
+                                               usage=usage()))
+            yield _sse("[DONE]")
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _raise_if_failed(builders: list[ChoiceBuilder]) -> None:
+    if any(b.finish_reason == "error" for b in builders):
+        raise APIError(500, "the model failed while generating this request; it was not completed",
+                       "InternalServerError")
+
+
+def _field_in(message: str) -> str | None:
+    """The field a SamplingParams error names (its messages start with the field name)."""
+    word = message.split(" ", 1)[0].strip(":'\"")
+    return word if word.isidentifier() else None
+
+
+
