@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import cast
 
 from server.engine import SequenceOutput
+from server.protocol import FinishReason
 from server.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
 
 
@@ -32,7 +34,7 @@ class ChoiceBuilder:
         self.text = ""
         self.num_tokens = 0
         self.logprobs: list[TokenLogprob] = []
-        self.finish_reason: str | None = None
+        self.finish_reason: FinishReason | None = None
         self.stop_reason: int | str | None = None  # the stop string or stop token id that ended it
 
     @property
@@ -43,7 +45,7 @@ class ChoiceBuilder:
         """Consume the engine's new tokens; return the text they finalise (after stop-string hold-back)."""
         if self.finish_reason is not None:
             return ""  # tokens the engine made before it saw our stop-string abort
-        emitted = []
+        emitted: list[str] = []
         for i, token_id in enumerate(out.token_ids):
             self.num_tokens += 1
             if out.logprobs is not None and out.top_logprobs is not None:
@@ -61,7 +63,7 @@ class ChoiceBuilder:
                 self.finish_reason, self.stop_reason = "stop", self._matcher.stop_str
             else:
                 emitted.append(self._matcher.flush())
-                self.finish_reason = out.finish_reason
+                self.finish_reason = cast(FinishReason, out.finish_reason)
                 last = out.token_ids[-1] if out.token_ids else None
                 if out.finish_reason == "stop" and last in self._stop_token_ids:
                     self.stop_reason = last

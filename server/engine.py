@@ -8,6 +8,7 @@ talk to it through `_inbox` (new requests, aborts) under a lock; results go back
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -70,10 +71,8 @@ class RequestStream:
                 if out.top_logprobs is not None and pending.top_logprobs is not None:
                     pending.top_logprobs += out.top_logprobs
                 pending.finish_reason = out.finish_reason
-        try:
+        with contextlib.suppress(RuntimeError):  # the consumer's loop is closed: nobody listens any more
             self._loop.call_soon_threadsafe(self._wakeup.set)
-        except RuntimeError:
-            pass  # the consumer's loop is closed: nobody is listening any more
 
     def __aiter__(self) -> AsyncIterator[list[SequenceOutput]]:
         return self._iterate()

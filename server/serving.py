@@ -197,8 +197,8 @@ class OpenAIServing:
                     raise APIError(400, f"prompt token id {bad} is outside the vocabulary "
                                         f"[0, {self.tokenizer.vocab_size})", param="prompt")
                 prompts.append(_Prompt(p, self.tokenizer.decode(p, skip_special_tokens=False) if req.echo else ""))
-        for p in prompts:
-            if not p.token_ids:
+        for prompt in prompts:
+            if not prompt.token_ids:
                 raise APIError(400, "prompt encodes to no tokens", param="prompt")
         return prompts
 
@@ -213,9 +213,9 @@ class OpenAIServing:
         if req.max_tokens == 0:  # echo only: score nothing, return the prompt
             choices = [CompletionChoice(index=i * req.n + j, text=p.text, finish_reason="length")
                        for i, p in enumerate(prompts) for j in range(req.n)]
-            usage = UsageInfo.of(sum(len(p.token_ids) for p in prompts), 0)
+            echo_usage = UsageInfo.of(sum(len(p.token_ids) for p in prompts), 0)
             return JSONResponse(CompletionResponse(id=request_id, created=created, model=model, choices=choices,
-                                                   usage=usage).model_dump())
+                                                   usage=echo_usage).model_dump())
         params = self._sampling_params(req, req.max_tokens, req.logprobs)
         streams = self._start(request_id, prompts, params)
         builders = self._builders(prompts, params, req.echo)

@@ -75,9 +75,8 @@ def test_dashboard_queries_name_only_exported_metrics(tiny_checkpoint: Path) -> 
     exprs = [t["expr"] for p in json.loads(dashboard)["panels"] for t in p.get("targets", []) if "expr" in t]
     assert exprs
     used = {m for e in exprs for m in re.findall(r"customllm_[a-z0-9_]+", e)}
-    with live_server(tiny_checkpoint) as server:
-        with server.client() as client:
-            assert client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 3}).status_code == 200
-            text = client.get("/metrics").text
+    with live_server(tiny_checkpoint) as server, server.client() as client:
+        assert client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 3}).status_code == 200
+        text = client.get("/metrics").text
     exported = set(re.findall(r"^(customllm_[a-z0-9_]+)", text, re.MULTILINE))
     assert used <= exported, f"dashboard uses metrics the server does not export: {sorted(used - exported)}"

@@ -44,7 +44,8 @@ def test_batch_of_16_equals_each_alone(engine) -> None:
     together = run_all(e, reqs)
     alone = [run_all(e, [r])[0] for r in reqs]
     assert together == alone
-    assert all(out[0][1] == "length" and len(out[0][0]) == r[1].max_tokens for out, r in zip(together, reqs))
+    for out, (_, params) in zip(together, reqs, strict=True):
+        assert out[0][1] == "length" and len(out[0][0]) == params.max_tokens
 
 
 def test_seeded_sample_is_batch_independent(engine) -> None:
@@ -53,7 +54,7 @@ def test_seeded_sample_is_batch_independent(engine) -> None:
     alone = run_all(e, [target])[0]
     others = [(p, SamplingParams(temperature=0.8, max_tokens=15, seed=i if i % 2 else None, ignore_eos=True))
               for i, p in enumerate(prompts(8, seed=3))]
-    batched = run_all(e, others[:4] + [target] + others[4:])[4]
+    batched = run_all(e, [*others[:4], target, *others[4:]])[4]
     assert alone == batched
     different = run_all(e, [(target[0], SamplingParams(temperature=1.0, seed=99, max_tokens=20, ignore_eos=True))])
     assert different[0] != alone
@@ -96,12 +97,12 @@ def test_decodes_progress_every_step_during_long_chunked_prefill(engine) -> None
 def test_prefix_cache_reuses_a_64_token_prefix(engine) -> None:
     e = engine(block_size=16)
     prefix = prompts(1, seed=11, lo=64, hi=64)[0]
-    first = run_all(e, [(prefix + [1, 2, 3], greedy(5))])
+    first = run_all(e, [([*prefix, 1, 2, 3], greedy(5))])
     bm = e.scheduler.block_manager
     hits_before = bm.num_prefix_hit_tokens
 
     async def main():
-        stream_result = await collect(e, "second", prefix + [1, 2, 3], greedy(5))
+        stream_result = await collect(e, "second", [*prefix, 1, 2, 3], greedy(5))
         return stream_result
 
     second = asyncio.run(main())
@@ -124,7 +125,7 @@ def test_abort_mid_prefill_and_mid_decode_frees_blocks(engine) -> None:
     async def main() -> None:
         long = asyncio.ensure_future(collect(e, "long", prompts(1, seed=2, lo=1200, hi=1200)[0], greedy(5)))
         dec = asyncio.ensure_future(collect(e, "dec", [1, 2, 3], greedy(200)))
-        while not any(s.request_id == "long" and 0 < s.num_computed_tokens for s in e.scheduler.running):
+        while not any(s.request_id == "long" and s.num_computed_tokens > 0 for s in e.scheduler.running):
             await asyncio.sleep(0.001)
         e.abort("long")
         while not any(s.request_id == "dec" and s.num_generated_tokens > 3 for s in e.scheduler.running):
