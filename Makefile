@@ -15,7 +15,7 @@ STAMP  := $(VENV)/.customllm-installed
 MODEL ?=
 HOST  ?= 127.0.0.1
 PORT  ?= 8000
-BENCH ?= bench/model_step.py
+BENCH ?= bench/run_all.py
 
 .PHONY: install serve test lint typecheck bench clean distclean
 
@@ -43,6 +43,7 @@ test: $(STAMP)
 	$(BIN)/pytest -q
 
 bench: $(STAMP)
+	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python $(BENCH)
 
 clean:

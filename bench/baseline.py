@@ -1,0 +1,106 @@
+"""What a user without this server would run: one request at a time, an HF-style generate() loop.
+
+Same model and dtype as the server, but a growing decompressed k/v cache (k and v of every past token, concatenated
+each step) and the original MoE: a loop over experts, each run on the tokens whose mask selects it. Prints tok/s.
+
+  python bench/baseline.py [--model PATH] [--dtype bfloat16] [--requests 4] [--prompt-len 64] [--output-len 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+
+import torch
+import torch.nn.functional as F
+
+from model import CustomLLM, load_model
+from model.layers import apply_rope, rope_cos_sin
+
+
+def moe_masked(moe: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """The training code's MoE: shared experts on all tokens, then each routed expert on its masked tokens."""
+    def expert(w_gate_up: torch.Tensor, w_down: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(x, w_gate_up).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, w_down)
+
+    shared = moe.shared_experts
+    out = sum(expert(shared.gate_up[e], shared.down[e], h) for e in range(shared.num_experts))
+    out = out / shared.num_experts
+    weights, idx = moe.route(h)
+    for e in range(moe.num_routed_experts):
+        mask = idx == e  # [T, K]
+        rows = mask.any(-1)
+        if rows.any():
+            w = (weights * mask).sum(-1, keepdim=True)[rows].to(h.dtype)
+            out[rows] += w * expert(moe.routed_experts.gate_up[e], moe.routed_experts.down[e], h[rows])
+    return out
+
+
+@torch.inference_mode()
+def generate(model: CustomLLM, prompt: list[int], max_new: int) -> list[int]:
+    """Greedy decoding with a per-layer [past, H, Dh] k/v cache that grows by concatenation."""
+    cfg = model.config
+    h, n, r = cfg.num_attention_heads, cfg.nope_dim, cfg.rope_dim
+    past: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * cfg.num_hidden_layers
+    ids = torch.tensor(prompt)
+    start = 0
+    out: list[int] = []
+    for _ in range(max_new):
+        pos = torch.arange(start, start + len(ids))
+        x = model.token_embeddings(ids) + model.position_embeddings(pos)
+        cos, sin = rope_cos_sin(pos, r, cfg.rope_theta)
+        for i, layer in enumerate(model.decoder_layers):
+            a = layer.self_attn
+            hn = layer.input_norm(x)
+            c_kv, c_q = a.kv_proj_d(hn), a.q_proj_d(hn)
+            k = torch.cat((a.k_proj_u(c_kv).view(-1, h, n), apply_rope(a.rope_k(hn).view(-1, h, r), cos, sin)), -1)
+            v = a.v_proj_u(c_kv).view(-1, h, cfg.head_dim)
+            q = torch.cat((a.q_proj_u(c_q).view(-1, h, n), apply_rope(a.rope_q(c_q).view(-1, h, r), cos, sin)), -1)
+            cached = past[i]
+            if cached is not None:
+                k, v = torch.cat((cached[0], k)), torch.cat((cached[1], v))
+            past[i] = (k, v)
+            scores = torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(cfg.head_dim)
+            mask = torch.arange(k.shape[0])[None, :] <= pos[:, None]
+            probs = scores.float().masked_fill(~mask, float("-inf")).softmax(-1).to(v.dtype)
+            x = x + a.o_proj(torch.einsum("hqk,khd->qhd", probs, v).reshape(len(ids), -1))
+            x = x + moe_masked(layer.mlp.moe, layer.post_attn_norm(x))
+        token = int(model.compute_logits(x[-1:]).argmax())
+        out.append(token)
+        start += len(ids)
+        ids = torch.tensor([token])
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="checkpoint (default: the seed model, random weights)")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--requests", type=int, default=4)
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    model = load_model(args.model, dtype=getattr(torch, args.dtype))
+    rng = random.Random(0)
+    prompts = [[rng.randrange(100, model.config.vocab_size) for _ in range(args.prompt_len)]
+               for _ in range(args.requests)]
+    generate(model, prompts[0][:8], 2)  # warm-up
+    start = time.perf_counter()
+    tokens = sum(len(generate(model, p, args.output_len)) for p in prompts)
+    elapsed = time.perf_counter() - start
+    result = {"requests": args.requests, "output_tokens": tokens, "seconds": elapsed, "output_tok_per_s": tokens / elapsed}
+    print(f"baseline (one request at a time, growing k/v cache, masked MoE loop, {args.dtype}): "
+          f"{tokens} tokens in {elapsed:.1f} s = {tokens / elapsed:.1f} tok/s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()
