@@ -226,6 +226,10 @@ class Scheduler:
             # FCFS: when the head does not fit, nobody behind it jumps ahead.
             if not bm.can_allocate(seq, budget):
                 break
+            if self._sibling_prefilling(seq):
+                # The n samples of one prompt: wait until a sibling's prompt blocks are in the prefix cache,
+                # then share them instead of computing the same prompt n times.
+                break
             self.waiting.popleft()
             bm.allocate_prompt(seq)
             num_new = min(seq.num_uncomputed_tokens, budget)
@@ -238,6 +242,13 @@ class Scheduler:
             (prefills if scheduled.is_prefill else decodes).append(scheduled)
             budget -= num_new
         return budget
+
+    def _sibling_prefilling(self, seq: Sequence) -> bool:
+        """Whether another sequence of seq's request is still computing the prompt seq would share."""
+        if not self.config.enable_prefix_caching or seq.num_prompt_tokens < self.config.block_size:
+            return False
+        return any(s.request_id == seq.request_id and s.num_computed_tokens < s.num_prompt_tokens
+                   for s in self.running)
 
     def _preempt(self, seq: Sequence) -> None:
         # Recompute policy: drop the KV and keep the tokens; a resumed sequence re-prefills

@@ -146,6 +146,9 @@ def test_n_samples_share_the_prompt_and_differ(engine) -> None:
                        SamplingParams(n=3, temperature=1.0, seed=5, max_tokens=10, ignore_eos=True))])[0]
     assert sorted(out) == [0, 1, 2]
     assert len({tuple(toks) for toks, _ in out.values()}) == 3
+    # Samples 1 and 2 waited one step for sample 0's prompt blocks: 36 of 40 prompt tokens each came
+    # from the prefix cache (the last block is never taken whole: its last token must be computed).
+    assert e.scheduler.block_manager.num_prefix_hit_tokens == 2 * 36
 
 
 def test_eos_and_stop_token_ids_finish_with_stop(engine) -> None:
