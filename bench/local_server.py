@@ -1,0 +1,82 @@
+"""A throw-away server on 127.0.0.1 for the soak and fuzz scripts' `--start-server`: a subprocess of
+`python -m server`, serving a given checkpoint or a tiny random one written to a temporary directory."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+# The bundled tokenizer's vocabulary, everything else tiny: a step takes milliseconds on a CPU.
+TINY_CONFIG = dict(vocab_size=49152, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, latent_dim=16,
+                   intermediate_size=64, num_experts=4, num_shared_experts=1, top_k_experts=2,
+                   max_position_embeddings=512)
+
+
+@dataclass
+class LocalServer:
+    url: str
+    pid: int
+
+
+def write_tiny_checkpoint(directory: Path, seed: int = 0) -> Path:
+    """config.json + model.safetensors of TINY_CONFIG with seeded random weights."""
+    import torch
+    from safetensors.torch import save_file
+
+    from model import ModelConfig, load_model
+
+    config = ModelConfig.from_dict(TINY_CONFIG)
+    model = load_model(None, dtype=torch.float32, config=config, seed=seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, directory / "model.safetensors")
+    (directory / "config.json").write_text(json.dumps(config.to_dict()))
+    return directory
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def local_server(model: str | None, extra_args: list[str], startup_timeout: float = 120.0) -> Iterator[LocalServer]:
+    """Start `python -m server` on a free loopback port; stop it (SIGTERM, then SIGKILL) on exit."""
+    with tempfile.TemporaryDirectory(prefix="customllm-bench-") as tmp:
+        path = model or str(write_tiny_checkpoint(Path(tmp) / "tiny"))
+        port = _free_port()
+        cmd = [sys.executable, "-m", "server", "--model", path, "--host", "127.0.0.1", "--port", str(port),
+               "--dtype", "float32", "--device", "cpu", "--log-level", "warning", *extra_args]
+        proc = subprocess.Popen(cmd)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + startup_timeout
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"server exited with status {proc.returncode} during start-up: {cmd}")
+                try:
+                    if httpx.get(url + "/health", timeout=2).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"server not healthy after {startup_timeout:.0f} s")
+                time.sleep(0.2)
+            yield LocalServer(url, proc.pid)
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
