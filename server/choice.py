@@ -29,6 +29,7 @@ class ChoiceBuilder:
         self.index = index
         self._detokenizer = IncrementalDetokenizer(tokenizer, prompt_token_ids, skip_special_tokens)
         self._matcher = StopStringMatcher(stop, include_stop_str_in_output)
+        self._include_stop = include_stop_str_in_output
         self._stop_token_ids = stop_token_ids
         self._offset_base = text_offset_base
         self.text = ""
@@ -51,6 +52,8 @@ class ChoiceBuilder:
             if out.logprobs is not None and out.top_logprobs is not None:
                 self.logprobs.append(TokenLogprob(token_id, out.logprobs[i], out.top_logprobs[i],
                                                   self._offset_base + len(self.text) + len("".join(emitted))))
+            if out.finish_reason == "stop" and i == len(out.token_ids) - 1 and not self._include_stop:
+                break  # the EOS or stop_token_ids token that ended the sample: counted, but not text (as vLLM)
             text, stopped = self._matcher.add(self._detokenizer.add(token_id))
             emitted.append(text)
             if stopped:
