@@ -145,6 +145,11 @@ def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     if first.get("type") == "json_invalid":
         return error_response(400, f"Invalid JSON body: {first.get('ctx', {}).get('error', 'malformed JSON')}",
                               param="body")
+    if first and not first.get("loc") and first.get("type") in ("model_attributes_type", "missing"):
+        # No body, a non-object JSON value, or a body FastAPI did not parse because its Content-Type is not JSON
+        # (FastAPI's strict content type, a CSRF guard); pydantic's own words would not say which.
+        return error_response(400, "The request body must be a JSON object sent with Content-Type: application/json",
+                              param="body")
     message, param = describe_errors(errors) if errors else ("Invalid request", None)
     return error_response(400, message, param=param)
 
