@@ -142,6 +142,7 @@ class Engine:
         self._inbox: list[Sequence] = []
         self._aborts: list[tuple[str, int | None, str]] = []
         self._stopping = False
+        self._closed = False  # set under _lock once the thread takes no more requests (stopped or died)
         self._thread: threading.Thread | None = None
         self.dead_reason: str | None = None
         self.num_steps = 0
@@ -202,6 +203,10 @@ class Engine:
                                   now)
             seqs.append(Sequence(next(self._seq_ids), request_id, prompt_token_ids, child.max_tokens, now, state))
         with self._lock:
+            # Checked again under the lock: the thread may have died since the check above, after which
+            # nothing would ever take this request from the inbox.
+            if self._closed:
+                raise EngineDeadError(self.dead_reason or "engine is not running")
             self._inbox.extend(seqs)
             self._num_unfinished += len(seqs)
         self._wakeup.set()
@@ -335,6 +340,7 @@ class Engine:
     def _fail_all(self, reason: str) -> None:
         """End every request still queued or running (on shutdown or when the thread dies)."""
         with self._lock:
+            self._closed = True
             inbox, self._inbox = self._inbox, []
         leftovers = list(self.scheduler.waiting) + list(self.scheduler.running) + inbox
         for seq in leftovers:
