@@ -225,7 +225,8 @@ def create_app(engine: Engine, tokenizer: Tokenizer, settings: ServerSettings, m
         if bad is not None:
             raise APIError(400, f"token id {bad} is outside the vocabulary [0, {tokenizer.vocab_size})",
                            param="tokens")
-        return DetokenizeResponse(prompt=tokenizer.decode(body.tokens))
+        # Special tokens are kept, so /detokenize inverts /tokenize also for chat messages (vLLM does the same).
+        return DetokenizeResponse(prompt=tokenizer.decode(body.tokens, skip_special_tokens=False))
 
     @app.get("/health")
     async def health() -> Response:

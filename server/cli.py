@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from types import FrameType
@@ -130,7 +131,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=args.shutdown_timeout)
     logger.info("serving %s on http://%s:%d", args.served_model_name, args.host, args.port)
-    _DrainingServer(config).run()
+    # uvicorn re-raises the signal that stopped it once it has shut down, so a drained, successful shutdown would
+    # end as death by SIGTERM (status -15/143) or a KeyboardInterrupt traceback. It restores the handlers it found
+    # before re-raising, so with these ignored around run() the re-raise is a no-op and we exit 0; during run()
+    # uvicorn's own handlers are installed and drain as usual.
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        _DrainingServer(config).run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 0
 
 
