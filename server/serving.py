@@ -139,7 +139,9 @@ class OpenAIServing:
                        builders: list[ChoiceBuilder]) -> AsyncIterator[tuple[ChoiceBuilder, str, SequenceOutput]]:
         """Every output of every stream as (its choice, the text it adds, the raw output); aborts on exit."""
         n = len(builders) // len(streams)
-        queue: asyncio.Queue[tuple[int, list[SequenceOutput]] | None] = asyncio.Queue()
+        # Bounded, so a consumer that falls behind (a slow client holding up the SSE writer) stops the pumps, and
+        # the engine's RequestStream coalesces its tokens; an unbounded queue would hold one entry per step.
+        queue: asyncio.Queue[tuple[int, list[SequenceOutput]] | None] = asyncio.Queue(maxsize=len(streams))
 
         async def pump(p_idx: int, stream: RequestStream) -> None:
             async for batch in stream:
