@@ -30,7 +30,7 @@ from server.protocol import (
     chat_template_input,
     describe_errors,
 )
-from server.serving import APIError, OpenAIServing, ServingLimits
+from server.serving import APIError, OpenAIServing, ServingLimits, check_unicode
 from server.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -213,8 +213,12 @@ def create_app(engine: Engine, tokenizer: Tokenizer, settings: ServerSettings, m
     async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
         serving.check_model(body.model)
         if body.messages is not None:
-            tokens = tokenizer.encode_chat(chat_template_input(body.messages), body.add_generation_prompt)
+            messages = chat_template_input(body.messages)
+            for i, message in enumerate(messages):
+                check_unicode(message["content"], f"messages[{i}].content")
+            tokens = tokenizer.encode_chat(messages, body.add_generation_prompt)
         else:
+            check_unicode(body.prompt or "", "prompt")
             tokens = tokenizer.encode(body.prompt or "")
         return TokenizeResponse(tokens=tokens, count=len(tokens), max_model_len=limits.max_model_len)
 

@@ -64,6 +64,16 @@ class _Prompt:
     text: str
 
 
+def check_unicode(text: str, param: str) -> None:
+    """Answer 400 for text that is not valid Unicode."""
+    # JSON's "\\ud800" escape decodes to a lone surrogate, which the tokenizer rejects with a TypeError (a 500).
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise APIError(400, f"{param} is not valid Unicode: a lone surrogate \\u{ord(text[exc.start]):04x} at "
+                            f"character {exc.start}", param=param) from None
+
+
 def _sse(payload: BaseModel | str) -> str:
     body = payload if isinstance(payload, str) else payload.model_dump_json()
     return f"data: {body}\n\n"
@@ -192,6 +202,7 @@ class OpenAIServing:
         prompts = []
         for p in req.prompts:
             if isinstance(p, str):
+                check_unicode(p, "prompt")
                 prompts.append(_Prompt(self.tokenizer.encode(p), p))
             else:
                 bad = next((t for t in p if t >= self.tokenizer.vocab_size), None)
@@ -280,8 +291,11 @@ class OpenAIServing:
 
     async def chat(self, req: ChatCompletionRequest, request: Request) -> Response:
         self.check_model(req.model)
+        messages = chat_template_input(req.messages)
+        for i, message in enumerate(messages):
+            check_unicode(message["content"], f"messages[{i}].content")
         try:
-            token_ids = self.tokenizer.encode_chat(chat_template_input(req.messages))
+            token_ids = self.tokenizer.encode_chat(messages)
         except (TypeError, ValueError) as exc:
             raise APIError(400, f"cannot render messages: {exc}", param="messages") from exc
         prompt = _Prompt(token_ids, "")
