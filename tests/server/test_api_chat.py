@@ -3,6 +3,7 @@ the ChatML end token, UTF-8 safety."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -153,7 +154,7 @@ def test_stop_string_across_tokens_both_modes(http: httpx.Client) -> None:
     text = reference["message"]["content"]
     tokens = [e["token"] for e in reference["logprobs"]["content"]]
     offset = 0
-    for i, (a, b) in enumerate(zip(tokens, tokens[1:])):
+    for i, (a, b) in enumerate(itertools.pairwise(tokens)):
         stop = a[-2:] + b[:2]
         if i > 0 and len(a.strip()) >= 2 and len(b.strip()) >= 2 and FFFD not in a + b \
                 and text.find(stop) == offset + len(a) - 2:
