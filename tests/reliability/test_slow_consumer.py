@@ -20,6 +20,7 @@ from tests.server.sse import DONE, completion_text, finish_of, iter_sse
 NORMAL_STREAMS = 4
 NORMAL_TOKENS = 120
 SLOW_TOKENS = 400
+ROUNDS = 3
 # Loopback TCP grows a socket's send buffer to megabytes, which would absorb a whole slow stream; a fixed small
 # one (inherited by accepted connections from the listening socket) makes the server feel the slow reader.
 SERVER_SNDBUF = 8192
@@ -95,7 +96,9 @@ def test_slow_reader_does_not_slow_others_and_is_coalesced(tiny_checkpoint: Path
                      "logprobs": 20}
         solo = client.post("/v1/completions", json=slow_body).json()["choices"][0]
         _normal_rate(server)  # warm-up
-        baseline = _normal_rate(server)
+        # Best of three: other work on the machine can only slow a round down, so the fastest round is the
+        # closest to the undisturbed rate, with or without the slow reader.
+        baseline = max(_normal_rate(server) for _ in range(ROUNDS))
 
         fast, started = threading.Event(), threading.Event()
         result: dict[str, Any] = {}
@@ -119,7 +122,7 @@ def test_slow_reader_does_not_slow_others_and_is_coalesced(tiny_checkpoint: Path
                     time.sleep(0.02)
             sampler = threading.Thread(target=sample_pending)
             sampler.start()
-            with_slow = _normal_rate(server)
+            with_slow = max(_normal_rate(server) for _ in range(ROUNDS))
             stop_sampling.set()
             sampler.join()
         finally:
