@@ -21,7 +21,7 @@ from tests.server.live import LiveServer, live_server
 MAX_TOKENS = 24
 NUM_PROMPTS = 8
 # Small enough that 8 concurrent requests do not fit: blocks are freed, reused and sequences preempted.
-SMALL_CACHE = dict(kv_cache_tokens="512", max_model_len=256, max_num_seqs=8, max_num_batched_tokens=128)
+SMALL_CACHE = dict(kv_cache_tokens="256", max_model_len=128, max_num_seqs=8, max_num_batched_tokens=128)
 
 
 def _prompts(seed: int, count: int) -> list[list[int]]:
