@@ -122,14 +122,20 @@ def run_fuzz(base_url: str, *, max_cases: int = 300, max_seconds: float = 60.0, 
     """
     import schemathesis
     from schemathesis import GenerationMode
+    from schemathesis.core.result import Err
 
     spec = httpx.get(base_url + "/openapi.json", timeout=30).json()
     schema = schemathesis.openapi.from_dict(spec)
-    operations = [r.ok() for r in schema.get_all_operations()]
+    report = FuzzReport()
+    operations = []
+    for result in schema.get_all_operations():
+        if isinstance(result, Err):  # an operation the schema describes too badly to generate for is a finding
+            report.failures.append(FuzzFailure("schema", "-", 0, f"invalid operation: {result.err()}", "", ""))
+        else:
+            operations.append(result.ok())
     # Parameterless GETs first: they use one or two cases and hand the rest of the budget on.
     operations.sort(key=lambda op: (op.method.upper() != "GET", op.path))
     slots = [(op, mode) for op in operations for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)]
-    report = FuzzReport()
     start = time.monotonic()
     session = requests.Session()
 
