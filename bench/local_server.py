@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -59,6 +60,8 @@ def local_server(model: str | None, extra_args: list[str], startup_timeout: floa
                "--dtype", "float32", "--device", "cpu", "--log-level", "warning", *extra_args]
         proc = subprocess.Popen(cmd)
         url = f"http://127.0.0.1:{port}"
+        # A SIGTERM to this script must still stop the server: turn it into SystemExit so `finally` runs.
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
         try:
             deadline = time.monotonic() + startup_timeout
             while True:
@@ -74,6 +77,7 @@ def local_server(model: str | None, extra_args: list[str], startup_timeout: floa
                 time.sleep(0.2)
             yield LocalServer(url, proc.pid)
         finally:
+            signal.signal(signal.SIGTERM, previous)
             proc.terminate()
             try:
                 proc.wait(timeout=30)
