@@ -250,9 +250,7 @@ class OpenAIServing:
 
         if not req.stream:
             async def body() -> Response:
-                async for _ in outputs:
-                    pass
-                _raise_if_failed(builders)
+                await _drain(outputs, builders)
                 choices = [CompletionChoice(
                     index=b.index, text=(prompts[b.index // req.n].text if req.echo else "") + b.text,
                     logprobs=logprobs_of(b, 0), finish_reason=b.finish_reason, stop_reason=b.stop_reason)
@@ -261,31 +259,27 @@ class OpenAIServing:
                                                        choices=choices, usage=usage()).model_dump())
             return await self._respond(request, body)
 
-        options = req.stream_options
-        continuous = bool(options and options.continuous_usage_stats)
+        continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
 
-        async def events() -> AsyncIterator[str]:
-            sent_logprobs = {b.index: 0 for b in builders}
+        def chunk(choice: CompletionChoice) -> str:
+            return _sse(CompletionStreamResponse(id=request_id, created=created, model=model, choices=[choice],
+                                                 usage=usage() if continuous else None))
 
-            def chunk(choice: CompletionChoice) -> str:
-                return _sse(CompletionStreamResponse(id=request_id, created=created, model=model, choices=[choice],
-                                                     usage=usage() if continuous else None))
-            if req.echo:
-                for b in builders:
-                    yield chunk(CompletionChoice(index=b.index, text=prompts[b.index // req.n].text))
-            async for builder, text, _ in outputs:
-                lp = logprobs_of(builder, sent_logprobs[builder.index])
-                sent_logprobs[builder.index] = len(builder.logprobs)
-                if text or builder.finish_reason is not None or (lp is not None and lp.tokens):
-                    yield chunk(CompletionChoice(index=builder.index, text=text, logprobs=lp,
-                                                 finish_reason=builder.finish_reason, stop_reason=builder.stop_reason))
-            if options and options.include_usage:
-                yield _sse(CompletionStreamResponse(id=request_id, created=created, model=model, choices=[],
-                                                    usage=usage()))
-            yield _sse("[DONE]")
+        def delta(builder: ChoiceBuilder, text: str, logprobs_from: int) -> str | None:
+            lp = logprobs_of(builder, logprobs_from)
+            if not (text or builder.finish_reason is not None or (lp is not None and lp.tokens)):
+                return None
+            return chunk(CompletionChoice(index=builder.index, text=text, logprobs=lp,
+                                          finish_reason=builder.finish_reason, stop_reason=builder.stop_reason))
 
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        opening = [chunk(CompletionChoice(index=b.index, text=prompts[b.index // req.n].text))
+                   for b in builders] if req.echo else []
+        closing = None
+        if req.stream_options and req.stream_options.include_usage:
+            def closing() -> str:
+                return _sse(CompletionStreamResponse(id=request_id, created=created, model=model, choices=[],
+                                                     usage=usage()))
+        return _sse_response(outputs, builders, opening, delta, closing)
 
     # -- chat ------------------------------------------------------------------------------------------
 
@@ -331,9 +325,7 @@ class OpenAIServing:
 
         if not req.stream:
             async def body() -> Response:
-                async for _ in outputs:
-                    pass
-                _raise_if_failed(builders)
+                await _drain(outputs, builders)
                 choices = [ChatCompletionChoice(index=b.index, message=ChatResponseMessage(content=b.text),
                                                 logprobs=logprobs_of(b, 0), finish_reason=b.finish_reason,
                                                 stop_reason=b.stop_reason) for b in builders]
@@ -341,37 +333,60 @@ class OpenAIServing:
                                                            choices=choices, usage=usage()).model_dump())
             return await self._respond(request, body)
 
-        options = req.stream_options
-        continuous = bool(options and options.continuous_usage_stats)
+        continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
 
-        async def events() -> AsyncIterator[str]:
-            sent_logprobs = {b.index: 0 for b in builders}
+        def chunk(choice: ChatCompletionStreamChoice) -> str:
+            return _sse(ChatCompletionChunk(id=request_id, created=created, model=model, choices=[choice],
+                                            usage=usage() if continuous else None))
 
-            def chunk(choice: ChatCompletionStreamChoice) -> str:
-                return _sse(ChatCompletionChunk(id=request_id, created=created, model=model, choices=[choice],
-                                                usage=usage() if continuous else None))
-            for b in builders:
-                yield chunk(ChatCompletionStreamChoice(index=b.index, delta=DeltaMessage(role="assistant", content="")))
-            async for builder, text, _ in outputs:
-                lp = logprobs_of(builder, sent_logprobs[builder.index])
-                sent_logprobs[builder.index] = len(builder.logprobs)
-                if text or builder.finish_reason is not None or (lp is not None and lp.content):
-                    yield chunk(ChatCompletionStreamChoice(
-                        index=builder.index, delta=DeltaMessage(content=text) if text else DeltaMessage(),
-                        logprobs=lp, finish_reason=builder.finish_reason, stop_reason=builder.stop_reason))
-            if options and options.include_usage:
-                yield _sse(ChatCompletionChunk(id=request_id, created=created, model=model, choices=[],
-                                               usage=usage()))
-            yield _sse("[DONE]")
+        def delta(builder: ChoiceBuilder, text: str, logprobs_from: int) -> str | None:
+            lp = logprobs_of(builder, logprobs_from)
+            if not (text or builder.finish_reason is not None or (lp is not None and lp.content)):
+                return None
+            return chunk(ChatCompletionStreamChoice(
+                index=builder.index, delta=DeltaMessage(content=text) if text else DeltaMessage(),
+                logprobs=lp, finish_reason=builder.finish_reason, stop_reason=builder.stop_reason))
 
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        opening = [chunk(ChatCompletionStreamChoice(index=b.index, delta=DeltaMessage(role="assistant", content="")))
+                   for b in builders]
+        closing = None
+        if req.stream_options and req.stream_options.include_usage:
+            def closing() -> str:
+                return _sse(ChatCompletionChunk(id=request_id, created=created, model=model, choices=[],
+                                                usage=usage()))
+        return _sse_response(outputs, builders, opening, delta, closing)
 
 
-def _raise_if_failed(builders: list[ChoiceBuilder]) -> None:
+async def _drain(outputs: AsyncIterator[tuple[ChoiceBuilder, str, SequenceOutput]],
+                 builders: list[ChoiceBuilder]) -> None:
+    """Run a non-streaming request to its end; a sample the model failed on makes it a 500."""
+    async for _ in outputs:
+        pass
     if any(b.finish_reason == "error" for b in builders):
         raise APIError(500, "the model failed while generating this request; it was not completed",
                        "InternalServerError")
+
+
+def _sse_response(outputs: AsyncIterator[tuple[ChoiceBuilder, str, SequenceOutput]], builders: list[ChoiceBuilder],
+                  opening: list[str], delta: Callable[[ChoiceBuilder, str, int], str | None],
+                  closing: Callable[[], str] | None) -> StreamingResponse:
+    """An SSE stream: the opening chunks, one chunk per output that `delta` renders (given the text it adds and
+    the first logprob entry not yet sent), the closing chunk (usage) if any, then [DONE]."""
+    async def events() -> AsyncIterator[str]:
+        for first in opening:
+            yield first
+        logprobs_sent = {b.index: 0 for b in builders}
+        async for builder, text, _ in outputs:
+            event = delta(builder, text, logprobs_sent[builder.index])
+            logprobs_sent[builder.index] = len(builder.logprobs)
+            if event is not None:
+                yield event
+        if closing is not None:
+            yield closing()
+        yield _sse("[DONE]")
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 def _field_in(message: str) -> str | None:
