@@ -4,8 +4,6 @@ the ChatML end token, UTF-8 safety."""
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -13,34 +11,11 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from server.tokenizer import Tokenizer, load_tokenizer
-from tests.server.live import LiveServer, live_server
+from server.tokenizer import Tokenizer
 from tests.server.sse import chat_text, finish_of, stream_chunks
 
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Tell me about printing."}]
 FFFD = "\ufffd"
-
-
-@pytest.fixture(scope="module")
-def server(tiny_checkpoint: Path) -> Iterator[LiveServer]:
-    with live_server(tiny_checkpoint) as live:
-        yield live
-
-
-@pytest.fixture(scope="module")
-def http(server: LiveServer) -> Iterator[httpx.Client]:
-    with server.client() as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def oai(server: LiveServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="x", max_retries=0, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def tok() -> Tokenizer:
-    return load_tokenizer(None)
 
 
 def chat(http: httpx.Client, **body: Any) -> dict[str, Any]:

@@ -3,8 +3,6 @@ token-id prompts, seeds, stop strings and stop token ids, min_tokens, UTF-8 safe
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -12,34 +10,11 @@ import openai
 import pytest
 from openai.types import Completion
 
-from server.tokenizer import Tokenizer, load_tokenizer
-from tests.server.live import LiveServer, live_server
+from server.tokenizer import Tokenizer
 from tests.server.sse import completion_text, finish_of, stream_chunks
 
 PROMPT = "The history of the printing press"
 FFFD = "\ufffd"
-
-
-@pytest.fixture(scope="module")
-def server(tiny_checkpoint: Path) -> Iterator[LiveServer]:
-    with live_server(tiny_checkpoint) as live:
-        yield live
-
-
-@pytest.fixture(scope="module")
-def http(server: LiveServer) -> Iterator[httpx.Client]:
-    with server.client() as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def oai(server: LiveServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="x", max_retries=0, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def tok() -> Tokenizer:
-    return load_tokenizer(None)
 
 
 def complete(http: httpx.Client, **body: Any) -> dict[str, Any]:

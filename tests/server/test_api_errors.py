@@ -27,12 +27,6 @@ def server(tiny_checkpoint: Path) -> Iterator[LiveServer]:
         yield live
 
 
-@pytest.fixture(scope="module")
-def http(server: LiveServer) -> Iterator[httpx.Client]:
-    with server.client() as client:
-        yield client
-
-
 def still_serving(http: httpx.Client) -> None:
     response = http.post(C, json={"prompt": "still there?", "max_tokens": 2})
     assert response.status_code == 200, response.text

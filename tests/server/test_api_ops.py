@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.api import ServerSettings
-from server.tokenizer import Tokenizer, load_tokenizer
+from server.tokenizer import Tokenizer
 from tests.server.live import LiveServer, free_port, live_server
 from tests.server.sse import DONE, assert_error, iter_sse
 
@@ -28,23 +28,6 @@ REPO = Path(__file__).resolve().parents[2]
 MAX_MODEL_LEN = 512  # the tiny checkpoint's max_position_embeddings
 NUM_LAYERS, NUM_ROUTED_EXPERTS, TOP_K = 2, 3, 2  # tests/server/live.py's TINY_SERVE
 Sample = tuple[str, frozenset[tuple[str, str]]]
-
-
-@pytest.fixture(scope="module")
-def server(tiny_checkpoint: Path) -> Iterator[LiveServer]:
-    with live_server(tiny_checkpoint) as live:
-        yield live
-
-
-@pytest.fixture(scope="module")
-def http(server: LiveServer) -> Iterator[httpx.Client]:
-    with server.client() as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def tok() -> Tokenizer:
-    return load_tokenizer(None)
 
 
 def wait_for(condition: Callable[[], bool], timeout: float = 3.0, what: str = "condition") -> None:
