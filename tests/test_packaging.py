@@ -243,9 +243,13 @@ def _pip_install_specs(command: str) -> list[list[str]]:
 
 
 def _makefile_installs() -> list[list[str]]:
+    """pip installs of the Makefile's install recipe (the $(STAMP) target that every other target depends on)."""
     installs = []
+    in_recipe = False
     for line in (ROOT / "Makefile").read_text().splitlines():
-        if line.startswith("\t") and "pip install" in line:
+        if not line.startswith("\t"):
+            in_recipe = line.startswith("$(STAMP):")
+        elif in_recipe and "pip install" in line:
             installs += _pip_install_specs(line.replace("$(BIN)/", ""))
     return installs
 
