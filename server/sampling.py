@@ -3,7 +3,7 @@
 Shapes: B rows in the batch (one per sequence being sampled), V vocabulary size.
 Order of operations, as in vLLM: raw logprobs -> min_tokens mask -> logit_bias ->
 repetition/frequency/presence penalties -> greedy argmax, or temperature -> top_k ->
-top_p -> min_p -> exponential-race draw.
+top_p -> min_p -> inverse-CDF draw (one uniform per row).
 """
 
 import math
@@ -75,7 +75,7 @@ class SamplingParams:
             _check(_in(value, -2, 2), field, value, "in [-2, 2]")
         rp = self.repetition_penalty
         _check(_is_num(rp) and 0 < rp < math.inf, "repetition_penalty", rp, "> 0 and finite")
-        object.__setattr__(self, "logit_bias", _normalise_logit_bias(self.logit_bias))
+        object.__setattr__(self, "logit_bias", _normalise_logit_bias(self.logit_bias))  # type: ignore[arg-type]
         _check(
             self.seed is None or (_is_int(self.seed) and -(2**63) <= self.seed < 2**64),
             "seed", self.seed, "None or a 64-bit integer",
@@ -115,7 +115,7 @@ class SamplingParams:
 
     def validate_token_ids(self, vocab_size: int) -> None:
         """Raise ValueError naming the field if a logit_bias/stop_token_ids id is out of vocab."""
-        for field, ids in (("logit_bias", [t for t, _ in self.logit_bias]),
+        for field, ids in (("logit_bias", [t for t, _ in self.logit_bias]),  # type: ignore[misc]
                            ("stop_token_ids", self.stop_token_ids)):
             for t in ids:
                 _check(0 <= t < vocab_size, field, t, f"a token id in [0, {vocab_size})")
@@ -127,12 +127,11 @@ def _normalise_logit_bias(
     # JSON object keys arrive as strings ("50256"), so decimal strings are accepted too.
     items = bias.items() if isinstance(bias, Mapping) else bias
     out: dict[int, float] = {}
-    for key, value in items:
-        if isinstance(key, str) and key.lstrip("-").isdigit():
-            key = int(key)
+    for raw_key, value in items:
+        key = int(raw_key) if isinstance(raw_key, str) and raw_key.lstrip("-").isdigit() else raw_key
         _check(_is_int(key), "logit_bias", key, "keyed by integer token ids")
         _check(_in(value, -100, 100), "logit_bias", {key: value}, "values in [-100, 100]")
-        out[key] = float(value)
+        out[key] = float(value)  # type: ignore[index]
     return tuple(sorted(out.items()))
 
 
@@ -174,7 +173,8 @@ def apply_penalties(
     x = logits.to(torch.float32, copy=True)  # [B, V]; never modify the caller's tensor
     dev = x.device
 
-    rows, toks = [], []
+    rows: list[int] = []
+    toks: list[int] = []
     for r, (s, n_gen) in enumerate(zip(states, num_generated, strict=True)):
         if n_gen < s.params.min_tokens:
             banned = (eos_token_id, *s.params.stop_token_ids)
@@ -185,7 +185,7 @@ def apply_penalties(
 
     rows, toks, vals = [], [], []
     for r, s in enumerate(states):
-        for t, b in s.params.logit_bias:
+        for t, b in s.params.logit_bias:  # type: ignore[misc]
             rows.append(r)
             toks.append(t)
             vals.append(b)
@@ -198,7 +198,8 @@ def apply_penalties(
         return x
     pen = [states[r] for r in pen_rows]
     # Counts of generated tokens, scattered from the per-sequence dicts: [P, V].
-    rows, toks, cnts = [], [], []
+    rows, toks = [], []
+    cnts: list[int] = []
     for r, s in enumerate(pen):
         rows += [r] * len(s.output_counts)
         toks += s.output_counts.keys()
@@ -232,34 +233,112 @@ def apply_penalties(
 def apply_temperature_and_filters(logits: Tensor, params: list[SamplingParams]) -> Tensor:
     """Return logits [B, V] divided by temperature with top_k/top_p/min_p masked to -inf.
 
-    Greedy rows are left unscaled and unfiltered.
+    Greedy rows are left unscaled and unfiltered. Among logits tied at a top_k/top_p boundary the lowest
+    token id ranks first, as in argmax.
     """
-    dev = logits.device
-    V = logits.shape[1]
+    return _temperature_and_filters_(logits.to(torch.float32, copy=True), params)
+
+
+def _temperature_and_filters_(x: Tensor, params: list[SamplingParams]) -> Tensor:
+    """apply_temperature_and_filters in place on float32 x [B, V] (a batch of vocabulary rows is tens of MB:
+    every fresh tensor of that size costs page faults, so the sampler's path allocates as few as it can)."""
+    dev = x.device
+    V = x.shape[1]
     temps = [1.0 if p.greedy else p.temperature for p in params]
-    x = logits / _to_device(temps, torch.float32, dev)[:, None]  # [B, V]
+    if any(t != 1.0 for t in temps):
+        x.div_(_to_device(temps, torch.float32, dev)[:, None])
 
     ks = [p.top_k if p.top_k > 0 and not p.greedy else V for p in params]
     # top_p == 1 means disabled; inf keeps float rounding in the cumsum from dropping tail tokens.
     ps = [p.top_p if p.top_p < 1 and not p.greedy else math.inf for p in params]
-    if any(k < V for k in ks) or any(p < 1 for p in ps):
-        # Stable sort: among equal logits the lowest id comes first, as in argmax.
-        sorted_x, order = x.sort(dim=-1, descending=True, stable=True)  # [B, V]
-        rank = torch.arange(V, device=dev)
-        sorted_x = sorted_x.masked_fill(rank >= _to_device(ks, torch.long, dev)[:, None], -math.inf)
-        probs = sorted_x.softmax(dim=-1)
-        # Drop a token once the mass ranked above it reaches top_p; rank 0 always survives.
-        mass_before = probs.cumsum(dim=-1) - probs
-        sorted_x = sorted_x.masked_fill(mass_before >= _to_device(ps, torch.float32, dev)[:, None],
-                                        -math.inf)
-        x = torch.empty_like(x).scatter_(1, order, sorted_x)
+    rows = [r for r in range(len(params)) if ks[r] < V or ps[r] < 1]
+    if rows:
+        # Only the rows that filter pay for it.
+        idx = None if len(rows) == len(params) else _to_device(rows, torch.long, dev)
+        sub = x if idx is None else x[idx]  # [F, V]
+        cand_x, cand_i = _top_k_top_p(sub, [ks[r] for r in rows], [ps[r] for r in rows])
+        sub.fill_(-math.inf).scatter_(1, cand_i, cand_x)
+        if idx is not None:
+            x[idx] = sub
 
     min_ps = [0.0 if p.greedy else p.min_p for p in params]
     if any(m > 0 for m in min_ps):
         # p_i >= min_p * p_max  <=>  logit_i - logit_max >= log(min_p); no softmax needed.
         log_min_p = _to_device(min_ps, torch.float32, dev).log()[:, None]  # log(0) = -inf keeps all
-        x = x.masked_fill(x - x.amax(dim=-1, keepdim=True) < log_min_p, -math.inf)
+        x.masked_fill_(x - x.amax(dim=-1, keepdim=True) < log_min_p, -math.inf)
     return x
+
+
+# Top-p without top-k ranks only this many leading candidates per row, widening in these steps, as soon as
+# their probability mass reaches top_p (usually at the first step); otherwise, or when ties straddle the
+# cut, the whole vocabulary is sorted (hundreds of ms for 64 rows on a CPU).
+_TOP_P_WIDTHS = (256, 4096)
+
+
+def _top_k_top_p(x: Tensor, ks: list[int], ps: list[float]) -> tuple[Tensor, Tensor]:
+    """Each row's ranked candidate logits [F, W] (masked to -inf past top_k, then past the top_p nucleus of
+    the top_k distribution) and their token ids [F, W]; every token not among them is masked too."""
+    dev = x.device
+    V = x.shape[1]
+    k_t = _to_device(ks, torch.long, dev)[:, None]  # [F, 1]
+    p_t = _to_device(ps, torch.float32, dev)[:, None]
+    width = max(ks)
+    log_norm = None  # log of each row's softmax normaliser, when the candidates are the head of the row
+    ranked: tuple[Tensor | None, Tensor] = (None, x)
+    # NOTE: the shortcuts cost a host sync or two; only on the CPU does the full sort they avoid dominate
+    # a step (an accelerator sorts the vocabulary quickly and should not wait on the host).
+    if dev.type == "cpu" and width < V:
+        ranked = _ranked_candidates(x, width)
+    elif dev.type == "cpu" and all(p < 1 for p in ps):
+        # Top-p only: the candidates must hold top_p of the full distribution's mass.
+        log_norm = x.logsumexp(dim=-1, keepdim=True)  # [F, 1]
+        for width in _TOP_P_WIDTHS:
+            ranked = _ranked_candidates(x, width)
+            cand_x = ranked[0]
+            if cand_x is not None and bool(((cand_x - log_norm).exp().sum(dim=-1, keepdim=True) >= p_t).all()):
+                break
+            ranked = (None, x)
+    cand_x, cand_i = ranked
+    if cand_x is None:
+        cand_x, cand_i = x.sort(dim=-1, descending=True, stable=True)  # [F, V]
+        width, log_norm = V, None
+    rank = torch.arange(width, device=dev)
+    cand_x = cand_x.masked_fill(rank >= k_t, -math.inf)  # [F, W]
+    if log_norm is None:
+        probs = cand_x.softmax(dim=-1)  # the top-k distribution
+    else:
+        probs = (cand_x - log_norm).exp()  # no top-k: the full distribution, of which these are the head
+    # Drop a token once the mass ranked above it reaches top_p; rank 0 always survives.
+    mass_before = probs.cumsum(dim=-1) - probs
+    return cand_x.masked_fill(mass_before >= p_t, -math.inf), cand_i
+
+
+def _ranked_candidates(x: Tensor, width: int) -> tuple[Tensor | None, Tensor]:
+    """The `width` largest logits per row [F, W] and their ids, ranked (ties: lowest id first).
+
+    None when a tie straddles the cut (some of the tied ids would be left out) or width covers the row.
+    """
+    if width >= x.shape[1]:
+        return None, x.new_empty(0, dtype=torch.long)
+    vals, ids = x.topk(width, dim=-1)  # [F, W]; topk's order among ties is unspecified
+    if bool(((x >= vals[:, -1:]).sum(dim=-1) > width).any()):
+        return None, ids
+    ids = ids.sort(dim=-1).values  # ascending ids, then a stable sort by value
+    vals, order = x.gather(1, ids).sort(dim=-1, descending=True, stable=True)
+    return vals, ids.gather(1, order)
+
+
+def _inverse_cdf_(logits: Tensor, u: Tensor) -> Tensor:
+    """Token ids [R], one drawn per row of softmax(logits) [R, V] with its uniform u [R] in [0, 1): the first
+    token whose cumulative probability exceeds u. One exp and one cumsum, in place over logits; no per-token
+    noise. The cumulative sum is left unnormalised (u is scaled by the row total instead)."""
+    cdf = logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_().cumsum_(dim=-1)  # [R, V]
+    total = cdf[:, -1:]
+    target = (u[:, None] * total).to(cdf.dtype)
+    # Strictly below the total, so the search stops at a token of non-zero probability.
+    target = torch.minimum(target, total.nextafter(torch.zeros_like(total)))
+    ids = torch.searchsorted(cdf, target, right=True)[:, 0]  # first index with cdf > target
+    return ids.clamp_(max=logits.shape[1] - 1)
 
 
 @dataclass
@@ -311,40 +390,49 @@ class Sampler:
             raw_lp = logits[_to_device(lp_rows, torch.long, dev)].float().log_softmax(dim=-1)
 
         x = apply_penalties(logits, states, num_generated, eos_token_id)  # [B, V] float32
-        tokens = x.argmax(dim=-1)  # [B]; greedy rows keep this
         random_rows = [r for r, p in enumerate(params) if not p.greedy]
-        if random_rows:
-            probs = apply_temperature_and_filters(x, params).softmax(dim=-1)  # [B, V]
-            q = self._draw_exponential(probs, states, random_rows)
-            # Exponential race: argmax(p_i / q_i), q_i ~ Exp(1), is a draw from p with no host sync.
-            sampled = (probs / q).argmax(dim=-1)  # [B]
-            is_random = _to_device([not p.greedy for p in params], torch.bool, dev)
-            tokens = torch.where(is_random, sampled, tokens)
+        if not random_rows:
+            tokens = x.argmax(dim=-1)  # [B]
+        else:
+            # Greedy rows pay for an argmax only; the others for one draw each.
+            all_random = len(random_rows) == len(params)
+            rand_idx = None if all_random else _to_device(random_rows, torch.long, dev)
+            xr = x if rand_idx is None else x[rand_idx]  # [R, V], ours to modify
+            _temperature_and_filters_(xr, [params[r] for r in random_rows])
+            sampled = _inverse_cdf_(xr, self._draw_uniform(states, random_rows, dev))  # [R]
+            if rand_idx is None:
+                tokens = sampled
+            else:
+                greedy_idx = _to_device([r for r, p in enumerate(params) if p.greedy], torch.long, dev)
+                tokens = torch.empty(len(params), dtype=torch.long, device=dev)
+                tokens[greedy_idx] = x[greedy_idx].argmax(dim=-1)
+                tokens[rand_idx] = sampled
 
         out = SamplerOutput(token_ids=tokens.tolist())
         if raw_lp is not None:
             self._fill_logprobs(out, raw_lp, tokens, lp_rows, params)
         return out
 
-    def _draw_exponential(
-        self, probs: Tensor, states: list[SamplingState], random_rows: list[int]
-    ) -> Tensor:
-        """Exp(1) noise [B, V]: seeded rows from their own generator, the rest in one call."""
-        dev = probs.device
-        V = probs.shape[1]
-        q = torch.ones_like(probs)
-        seeded = [r for r in random_rows if states[r].generator is not None]
-        unseeded = [r for r in random_rows if states[r].generator is None]
+    def _draw_uniform(self, states: list[SamplingState], random_rows: list[int], dev: torch.device) -> Tensor:
+        """One U[0, 1) draw [R] per sampled row: seeded rows from their own generator, the rest in one call.
+
+        A seeded row takes exactly one draw per step from its own stream, so its tokens do not depend on
+        what else is in the batch.
+        """
+        u = torch.empty(len(random_rows), dtype=torch.float64, device=dev)
+        seeded = [j for j, r in enumerate(random_rows) if states[r].generator is not None]
+        unseeded = [j for j, r in enumerate(random_rows) if states[r].generator is None]
         if unseeded:
-            noise = torch.empty(len(unseeded), V, device=dev)
-            noise.exponential_(generator=self._default_generator(dev))
-            q[_to_device(unseeded, torch.long, dev)] = noise
-        for r in seeded:
-            # Exactly V draws per step from the row's own stream, whatever the batch looks like.
-            g = states[r].generator
-            q[r] = torch.empty(V, device=g.device).exponential_(generator=g).to(dev)
-        # Guard against q == 0 (0/0 = NaN would win the argmax).
-        return q.clamp_min_(torch.finfo(q.dtype).tiny)
+            draws = torch.rand(len(unseeded), dtype=torch.float64, device=dev,
+                               generator=self._default_generator(dev))
+            if len(unseeded) == len(random_rows):
+                return draws
+            u[_to_device(unseeded, torch.long, dev)] = draws
+        for j in seeded:
+            g = states[random_rows[j]].generator
+            assert g is not None
+            u[j] = torch.rand(1, dtype=torch.float64, device=g.device, generator=g).to(dev)[0]
+        return u
 
     @staticmethod
     def _fill_logprobs(

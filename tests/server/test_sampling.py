@@ -207,7 +207,7 @@ def test_seeded_sequence_independent_of_batch(device: str) -> None:
         seq_alone.append(tok)
 
         pos = (step * 3) % 8  # a different batch position each step
-        states = others[:pos] + [in_batch] + others[pos:]
+        states = [*others[:pos], in_batch, *others[pos:]]
         logits = _step_logits(step + 500, 8).to(device)
         logits[pos] = row[0]
         out = sampler_b(logits, states, [step] * 8, EOS).token_ids
@@ -267,3 +267,77 @@ def test_logprobs_from_raw_distribution(dtype: torch.dtype) -> None:
     assert [t for t, _ in top] == expected_i.tolist()
     assert [lp for _, lp in top] == pytest.approx(expected_v.tolist(), abs=1e-6)
     assert out.top_logprobs[2] == []
+
+
+# ---- fast paths against plain references ------------------------------------------------------
+
+
+def _reference_filters(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Temperature, then top_k/top_p by one stable sort of the whole vocabulary, then min_p."""
+    V = logits.shape[1]
+    x = logits / torch.tensor([1.0 if p.greedy else p.temperature for p in params])[:, None]
+    out = x.clone()
+    for r, p in enumerate(params):
+        if p.greedy:
+            continue
+        vals, order = x[r].sort(descending=True, stable=True)
+        k = p.top_k if p.top_k > 0 else V
+        vals = vals.masked_fill(torch.arange(V) >= k, -math.inf)
+        probs = vals.softmax(-1)
+        vals = vals.masked_fill(probs.cumsum(-1) - probs >= (p.top_p if p.top_p < 1 else math.inf), -math.inf)
+        out[r] = torch.empty(V).scatter_(0, order, vals)
+        if p.min_p > 0:
+            out[r] = out[r].masked_fill(out[r] - out[r].max() < math.log(p.min_p), -math.inf)
+    return out
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_filters_match_full_sort_reference(ties: bool) -> None:
+    g = torch.Generator().manual_seed(7)
+    V = 5000
+    peaked = torch.randn(4, V, generator=g) * 4  # nucleus within the first candidates
+    flat = torch.randn(4, V, generator=g) * 0.3  # nucleus wider than every candidate step: full sort
+    logits = torch.cat((peaked, flat))
+    if ties:
+        logits = (logits * 2).round() / 2  # many equal logits, also at the top_k / top_p cuts
+    cases = [
+        [SamplingParams(top_k=k) for k in (1, 5, 40, 300)] * 2,
+        [SamplingParams(top_p=p) for p in (0.1, 0.5, 0.9, 0.99)] * 2,
+        [SamplingParams(top_k=k, top_p=p, temperature=0.7)
+         for k, p in ((3, 0.5), (50, 0.9), (400, 0.95), (2, 1.0))] * 2,
+        [SamplingParams(temperature=0.0), SamplingParams(top_k=7), SamplingParams(top_p=0.8),
+         SamplingParams(min_p=0.2), SamplingParams(top_p=0.7, min_p=0.05), SamplingParams(), SamplingParams(top_k=1),
+         SamplingParams(temperature=0.0, top_p=0.5)],
+    ]
+    for params in cases:
+        for rows in (logits, logits[:4]):  # peaked rows alone: top_p stays within the first candidates
+            got = apply_temperature_and_filters(rows, params[:len(rows)])
+            want = _reference_filters(rows, params[:len(rows)])
+            assert torch.equal(got == -math.inf, want == -math.inf)
+            torch.testing.assert_close(got.masked_fill(got == -math.inf, 0), want.masked_fill(want == -math.inf, 0))
+
+
+def test_inverse_cdf_draws_only_tokens_with_probability() -> None:
+    from server.sampling import _inverse_cdf_
+
+    logits = torch.full((4, 6), -math.inf)
+    logits[:, 2] = 0.0
+    logits[:, 3] = 1.0  # tokens 0, 1, 4, 5 masked: leading and trailing
+    u = torch.tensor([0.0, 0.5, 1.0 - 1e-12, 0.2], dtype=torch.float64)
+    ids = _inverse_cdf_(logits.clone(), u).tolist()
+    assert ids[0] == 2 and ids[2] == 3
+    assert set(ids) <= {2, 3}
+    # u splits the mass at the cumulative probabilities: p(2) = 1 / (1 + e).
+    p2 = 1 / (1 + math.e)
+    u = torch.tensor([p2 - 1e-6, p2 + 1e-6], dtype=torch.float64)
+    assert _inverse_cdf_(logits[:2].clone(), u).tolist() == [2, 3]
+
+
+def test_mixed_batch_greedy_rows_take_argmax_and_sampled_rows_follow_probabilities() -> None:
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]]).log_softmax(-1).expand(600, 4).contiguous()
+    params = [SamplingParams(temperature=0.0) if r % 3 == 0 else SamplingParams() for r in range(600)]
+    tokens = torch.tensor(Sampler(seed=5)(logits, _states(*params), [0] * 600, EOS).token_ids)
+    greedy = torch.tensor([r % 3 == 0 for r in range(600)])
+    assert (tokens[greedy] == 1).all()
+    freqs = torch.bincount(tokens[~greedy], minlength=4).float() / int((~greedy).sum())
+    torch.testing.assert_close(freqs, torch.tensor([0.0, 3.0, 1.0, 2.0]).softmax(-1), atol=0.05, rtol=0)
