@@ -1,20 +1,34 @@
 """Multi-Head Latent Attention over a paged latent cache.
 
 Shapes: T new tokens, H heads, N no-position width (head_dim/2), R rope width (head_dim/2),
-Dh head_dim = N + R, L latent, C context tokens, B decode sequences, S padded decode context.
+Dh head_dim = N + R, L latent, C context tokens, B decode sequences, S decode context (padded to whole blocks),
+F cache entry width L + H*R.
 Cache entry per token: [c_kv (L) | k_rope of every head (H*R)], k_rope stored after rotation.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.layers import apply_rope
+from model.layers import PackedLinear, apply_rope_
+from model.linear_backend import PlainLinear
 from model.metadata import AttentionMetadata
+
+
+@dataclasses.dataclass(frozen=True)
+class _Prepared:
+    """Derived weights forward runs on; built by `prepare`, never in the state dict."""
+
+    backend: PlainLinear
+    w_in: torch.Tensor  # [L + H*R + L, D]: kv_proj_d | rope_k | q_proj_d
+    w_q: torch.Tensor  # [H*Dh, L]: per head q_proj_u rows | rope_q rows
+    w_kv_up: torch.Tensor  # [H*N + H*Dh, L]: k_proj_u | v_proj_u (prefill decompression)
+    w_v_t: torch.Tensor  # [H, L, Dh]: v_proj_u per head, transposed (decode's absorbed value expansion)
 
 
 class MultiHeadLatentAttention(nn.Module):
@@ -33,41 +47,69 @@ class MultiHeadLatentAttention(nn.Module):
         self.q_proj_u = nn.Linear(latent_dim, h * n, bias=False)
         self.rope_k = nn.Linear(hidden_size, h * r, bias=False)
         self.rope_q = nn.Linear(latent_dim, h * r, bias=False)
-        self.o_proj = nn.Linear(h * self.head_dim, hidden_size, bias=False)
+        self.o_proj = PackedLinear(h * self.head_dim, hidden_size, bias=False)
+        self._prepared: _Prepared | None = None
+
+    def prepare(self, backend: PlainLinear) -> None:
+        """Build the fused projections (derived copies of the checkpoint's weights, never in the state dict)."""
+        h, n, r, latent, d = self.num_heads, self.nope_dim, self.rope_dim, self.latent_dim, self.head_dim
+        with torch.no_grad():
+            # Everything that reads the normalised hidden state, in one GEMM whose first L + H*R outputs are
+            # the cache entry [c_kv | k_rope] (rotated in place), followed by c_q: [L + H*R + L, D].
+            w_in = torch.cat((self.kv_proj_d.weight, self.rope_k.weight, self.q_proj_d.weight))
+            # Everything that reads c_q, rows grouped per head as [q_nope_h | q_rope_h], so the output viewed
+            # [T, H, Dh] is the query with its rope half still to rotate: [H*Dh, L].
+            w_q = torch.cat((self.q_proj_u.weight.view(h, n, latent), self.rope_q.weight.view(h, r, latent)), dim=1)
+            # Prefill decompression of the context latents: [k_nope (H*N) | v (H*Dh)] in one GEMM.
+            w_kv_up = torch.cat((self.k_proj_u.weight, self.v_proj_u.weight))
+            w_v_t = self.v_proj_u.weight.view(h, d, latent).transpose(1, 2).contiguous()
+        self._prepared = _Prepared(backend, w_in=backend.prepare(w_in), w_q=backend.prepare(w_q.reshape(h * d, latent)),
+                                   w_kv_up=backend.prepare(w_kv_up), w_v_t=w_v_t)
+        self.o_proj.prepare(backend)
+
+    def unprepare(self) -> None:
+        self.o_proj.unprepare()
+        self._prepared = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata,
                 cache: torch.Tensor) -> torch.Tensor:
-        """x [T, D] normalised hidden states; cos/sin [T, R]; cache [num_blocks, block_size, L + H*R]."""
+        """x [T, D] normalised hidden states; cos/sin [T, 1, R]; cache [num_blocks, block_size, F]."""
+        prep = self._prepared
+        assert prep is not None, "prepare() the attention before running it"
         t = x.shape[0]
-        h, n, r = self.num_heads, self.nope_dim, self.rope_dim
-        c_kv = self.kv_proj_d(x)  # [T, L]
-        c_q = self.q_proj_d(x)  # [T, L]
-        q_nope = self.q_proj_u(c_q).view(t, h, n)
-        q_rope = apply_rope(self.rope_q(c_q).view(t, h, r), cos, sin)
-        k_rope = apply_rope(self.rope_k(x).view(t, h, r), cos, sin)  # rope_k reads x, not the latent
+        h, r, latent, d = self.num_heads, self.rope_dim, self.latent_dim, self.head_dim
+        linear = prep.backend.linear
+        fused = linear(x, prep.w_in)  # [T, F + L]
+        entry = fused[:, :latent + h * r]  # [T, F]: c_kv | k_rope, as cached
+        apply_rope_(entry[:, latent:].view(t, h, r), cos, sin)
+        q = linear(fused[:, latent + h * r:], prep.w_q).view(t, h, d)  # [T, H, Dh] = q_nope | q_rope
+        apply_rope_(q[..., self.nope_dim:], cos, sin)
 
         # Write the new tokens first: attention below reads every context token, new ones included,
         # from the cache (so a sequence can also read blocks another sequence writes in this same step).
-        flat_cache = cache.view(-1, cache.shape[-1])  # [num_slots, L + H*R]
-        flat_cache.index_copy_(0, meta.slot_mapping, torch.cat((c_kv, k_rope.reshape(t, h * r)), dim=-1))
+        flat_cache = cache.view(-1, cache.shape[-1])  # [num_slots, F]
+        flat_cache.index_copy_(0, meta.slot_mapping, entry)
 
-        out = x.new_empty(t, h, self.head_dim)
         p = meta.num_prefill_tokens
-        if p:
-            out[:p] = self._prefill(q_nope[:p], q_rope[:p], meta, flat_cache)
-        if p < t:
-            out[p:] = self._decode(q_nope[p:], q_rope[p:], meta, cache)
-        return self.o_proj(out.view(t, h * self.head_dim))
+        if p == t:
+            out = self._prefill(prep, q, meta, flat_cache)
+        elif p == 0:
+            out = self._decode(prep, q, meta, cache)
+        else:
+            out = torch.cat((self._prefill(prep, q[:p], meta, flat_cache), self._decode(prep, q[p:], meta, cache)))
+        return self.o_proj(out.reshape(t, h * d))
 
-    def _prefill(self, q_nope: torch.Tensor, q_rope: torch.Tensor, meta: AttentionMetadata,
+    def _prefill(self, prep: _Prepared, q: torch.Tensor, meta: AttentionMetadata,
                  flat_cache: torch.Tensor) -> torch.Tensor:
-        """Decompressed attention: rebuild k and v of each prefill sequence's context from its latents."""
-        h, n, r, latent = self.num_heads, self.nope_dim, self.rope_dim, self.latent_dim
-        ctx = flat_cache.index_select(0, meta.prefill_context_slots)  # [C, L + H*R]
-        c_kv = ctx[:, :latent]
-        k = torch.cat((self.k_proj_u(c_kv).view(-1, h, n), ctx[:, latent:].view(-1, h, r)), dim=-1)  # [C, H, Dh]
-        v = self.v_proj_u(c_kv).view(-1, h, self.head_dim)  # [C, H, Dh]
-        q = torch.cat((q_nope, q_rope), dim=-1)  # [Tp, H, Dh]
+        """Decompressed attention: rebuild k and v of each prefill sequence's context from its latents.
+
+        q [Tp, H, Dh] (rope half rotated) -> [Tp, H, Dh].
+        """
+        h, n, latent = self.num_heads, self.nope_dim, self.latent_dim
+        ctx = flat_cache.index_select(0, meta.prefill_context_slots)  # [C, F]
+        kv = prep.backend.linear(ctx[:, :latent], prep.w_kv_up)  # [C, H*N + H*Dh]
+        k = torch.cat((kv[:, :h * n].view(-1, h, n), ctx[:, latent:].view(-1, h, self.rope_dim)), dim=-1)  # [C, H, Dh]
+        v = kv[:, h * n:].view(-1, h, self.head_dim)  # [C, H, Dh]
 
         outs = []
         q_start = ctx_start = 0
@@ -85,28 +127,36 @@ class MultiHeadLatentAttention(nn.Module):
             outs.append(oi.transpose(0, 1))  # [Q, H, Dh]
             q_start += q_len
             ctx_start += ctx_len
-        return torch.cat(outs)
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
 
-    def _decode(self, q_nope: torch.Tensor, q_rope: torch.Tensor, meta: AttentionMetadata,
-                cache: torch.Tensor) -> torch.Tensor:
+    def _decode(self, prep: _Prepared, q: torch.Tensor, meta: AttentionMetadata, cache: torch.Tensor) -> torch.Tensor:
         """Absorbed attention: score and mix the cached latents directly, never building k or v.
 
-        With W_k = k_proj_u rows of head h [N, L] and W_v = v_proj_u rows [Dh, L]:
+        q [B, H, Dh] (rope half rotated) -> [B, H, Dh]. With W_k = k_proj_u rows of head h [N, L] and
+        W_v = v_proj_u rows [Dh, L]:
           q_nope . (W_k c) = (W_k^T q_nope) . c      -> fold W_k into the query once per token
           sum_s p_s (W_v c_s) = W_v (sum_s p_s c_s)  -> mix latents, then expand once per token
+        Both score terms become one GEMM over whole cache entries: head h's query over an entry [c | k_rope]
+        is [W_k^T q_nope_h | 0 .. q_rope_h (at head h's R slots) .. 0].
         """
-        h, r, latent = self.num_heads, self.rope_dim, self.latent_dim
-        b = q_nope.shape[0]
-        w_k = self.k_proj_u.weight.view(h, self.nope_dim, latent)
-        w_v = self.v_proj_u.weight.view(h, self.head_dim, latent)
-        ctx = cache[meta.decode_block_tables].view(b, -1, cache.shape[-1])  # [B, S, L + H*R]
-        c_kv = ctx[..., :latent]  # [B, S, L]
-        k_rope = ctx[..., latent:].view(b, -1, h, r)  # [B, S, H, R]
+        h, n, r, latent = self.num_heads, self.nope_dim, self.rope_dim, self.latent_dim
+        b = q.shape[0]
+        w_k = self.k_proj_u.weight.view(h, n, latent)
+        # One gather of whole blocks, kept contiguous: the GEMMs below read it without another copy.
+        ids = meta.decode_block_ids
+        ctx = meta.workspace((ids.shape[0], *cache.shape[1:]), cache.dtype)
+        torch.index_select(cache, 0, ids, out=ctx)
+        ctx = ctx.view(b, -1, cache.shape[-1])  # [B, S, F]
 
-        q_latent = torch.einsum("bhn,hnl->bhl", q_nope, w_k)
-        scores = torch.einsum("bhl,bsl->bhs", q_latent, c_kv) + torch.einsum("bhr,bshr->bhs", q_rope, k_rope)
-        scores = scores.float() * self.scale
-        scores.masked_fill_(~meta.decode_valid[:, None, :], float("-inf"))
-        probs = scores.softmax(dim=-1).to(c_kv.dtype)  # [B, H, S]
-        mixed = torch.einsum("bhs,bsl->bhl", probs, c_kv)  # [B, H, L]
-        return torch.einsum("bhl,hdl->bhd", mixed, w_v)  # [B, H, Dh]
+        q_entry = q.new_zeros(b, h, latent + h * r)  # [B, H, F]
+        q_entry[:, :, :latent] = torch.bmm(q[..., :n].transpose(0, 1), w_k).transpose(0, 1)  # [B, H, L]
+        # Head h's rope query sits at entry columns L + h*R .. L + (h+1)*R: the diagonal of [B, H, H, R].
+        q_entry[:, :, latent:].view(b, h, h, r).diagonal(dim1=1, dim2=2).copy_(q[..., n:].transpose(1, 2))
+
+        bias = meta.decode_bias(q.dtype)  # [B, 1, S] 0 / -inf for padding, None when nothing is padded
+        # scale * q.k (+ bias), accumulated in float32 inside the GEMM and rounded once.
+        scores = torch.baddbmm(q_entry.new_zeros(1, 1, 1) if bias is None else bias, q_entry, ctx.transpose(1, 2),
+                               beta=0.0 if bias is None else 1.0, alpha=self.scale)  # [B, H, S]
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)  # softmax in float32
+        mixed = torch.bmm(probs, ctx[..., :latent])  # [B, H, L]
+        return torch.bmm(mixed.transpose(0, 1), prep.w_v_t).transpose(0, 1)  # [B, H, Dh]

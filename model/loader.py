@@ -8,10 +8,12 @@ model allocated once in the target dtype, so loading never holds two copies of t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -28,6 +30,7 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
 # Files in a training checkpoint directory that are not the weights.
 _NOT_WEIGHTS = {"optimizer.pt", "optimizer.bin", "scheduler.pt", "training_args.bin", "rng_state.pth"}
 _HEAD_DIM = 64  # used only to infer the head count when no config.json gives it
+_INIT_BLOCK = 1 << 22  # values per independently seeded block of random init
 
 
 class CheckpointError(ValueError):
@@ -129,7 +132,8 @@ def find_weights(path: Path) -> tuple[TensorSource, Path | None]:
         raise CheckpointError(f"{path}: unknown checkpoint file type (expected .safetensors, .bin, .pt or .pth)")
 
     candidates: list[tuple[str, Callable[[], TensorSource]]] = [
-        ("model.safetensors.index.json", lambda: _safetensors_source(_sharded_files(path / "model.safetensors.index.json"))),
+        ("model.safetensors.index.json",
+         lambda: _safetensors_source(_sharded_files(path / "model.safetensors.index.json"))),
         ("model.safetensors", lambda: _safetensors_source([path / "model.safetensors"])),
         ("pytorch_model.bin.index.json", lambda: _torch_source(_sharded_files(path / "pytorch_model.bin.index.json"))),
         ("pytorch_model.bin", lambda: _torch_source([path / "pytorch_model.bin"])),
@@ -231,18 +235,38 @@ def allocate_model(config: ModelConfig, dtype: torch.dtype, device: torch.device
     return model.to(dtype).to_empty(device=device).eval()
 
 
+def _chunk_seed(seed: int, name: str, chunk: int) -> int:
+    digest = hashlib.blake2b(f"{seed}/{name}/{chunk}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
 def init_random_weights(model: CustomLLM, seed: int) -> None:
-    """Deterministic random weights (NOT a trained model): N(0, 0.02) matrices, unit norms, zero biases."""
-    generator = torch.Generator().manual_seed(seed)
+    """Deterministic random weights (NOT a trained model): N(0, 0.02) matrices, unit norms, zero biases.
+
+    Each block of rows is drawn on the CPU in float32 from its own generator, seeded by (seed, tensor name,
+    block), so the weights are the same on every device and dtype and the blocks can be drawn in parallel.
+    """
+    jobs: list[tuple[torch.Tensor, int]] = []  # (target rows, generator seed)
     with torch.no_grad():
-        for name, tensor in sorted(model.state_dict().items()):
+        for name, tensor in model.state_dict().items():
             if name.endswith("norm.weight"):
                 tensor.fill_(1.0)
             elif tensor.dim() == 1:
                 tensor.zero_()
             else:
-                # Drawn on the CPU in float32 so the weights are the same on every device and dtype.
-                tensor.copy_(torch.empty(tensor.shape).normal_(0.0, 0.02, generator=generator))
+                rows = max(1, _INIT_BLOCK // max(1, tensor[0].numel()))
+                jobs += [(tensor[i:i + rows], _chunk_seed(seed, name, i // rows))
+                         for i in range(0, tensor.shape[0], rows)]
+
+    def draw(job: tuple[torch.Tensor, int]) -> None:
+        target, chunk_seed = job
+        values = torch.empty(target.shape).normal_(0.0, 0.02, generator=torch.Generator().manual_seed(chunk_seed))
+        with torch.no_grad():
+            target.copy_(values)
+
+    # torch releases the GIL inside normal_ and copy_, so threads use every core.
+    with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
+        list(pool.map(draw, jobs))
 
 
 def _iter_sources(source: TensorSource, names: dict[str, str]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -256,6 +280,7 @@ def load_model(path: str | Path | None, dtype: torch.dtype = torch.float32, devi
     if path is None:
         model = allocate_model(config or ModelConfig(), dtype, device)
         init_random_weights(model, seed)
+        model.prepare_for_inference()
         return model
 
     source, config_file = find_weights(Path(path))
@@ -277,6 +302,7 @@ def load_model(path: str | Path | None, dtype: torch.dtype = torch.float32, devi
     with torch.no_grad():
         for name, tensor in _iter_sources(source, names):
             targets[name].copy_(tensor.to(dtype))
+    model.prepare_for_inference()
     return model
 
 

@@ -9,6 +9,7 @@ The scheduler puts prefill chunks first so that all decodes form that tail.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 
@@ -27,9 +28,42 @@ class AttentionMetadata:
     decode_block_tables: torch.Tensor  # [B, max_blocks] int64, padded with block 0
     decode_valid: torch.Tensor  # [B, max_blocks * block_size] bool: True where the position is in the context
 
+    # Derived once per step and shared by every layer (see the cached properties and methods below).
+    _bias_cache: dict[torch.dtype, torch.Tensor | None] = dataclasses.field(default_factory=dict, repr=False,
+                                                                           compare=False)
+    _workspaces: dict[tuple[tuple[int, ...], torch.dtype], torch.Tensor] = dataclasses.field(
+        default_factory=dict, repr=False, compare=False)
+
     @property
     def num_decode_tokens(self) -> int:
         return int(self.decode_block_tables.shape[0])
+
+    @functools.cached_property
+    def decode_block_ids(self) -> torch.Tensor:
+        """[B * max_blocks] int64: the decode block tables flattened, for one gather of whole blocks."""
+        return self.decode_block_tables.flatten()
+
+    def workspace(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A scratch tensor for this step, shared by every layer (each layer overwrites it before reading).
+
+        Reusing one buffer avoids allocating (and page-faulting) a fresh multi-MB tensor per layer.
+        """
+        key = (shape, dtype)
+        if key not in self._workspaces:
+            self._workspaces[key] = torch.empty(shape, dtype=dtype, device=self.slot_mapping.device)
+        return self._workspaces[key]
+
+    def decode_bias(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """[B, 1, S] additive score mask (0 in the context, -inf past it), or None when no sequence is padded."""
+        if dtype not in self._bias_cache:
+            valid = self.decode_valid
+            bias = None
+            if not bool(valid.all()):
+                bias = torch.zeros(valid.shape, dtype=dtype, device=valid.device)
+                bias.masked_fill_(~valid, float("-inf"))
+                bias = bias[:, None, :]
+            self._bias_cache[dtype] = bias
+        return self._bias_cache[dtype]
 
     @classmethod
     def build(cls, query_lens: list[int], context_lens: list[int], block_tables: list[list[int]],

@@ -6,12 +6,16 @@ Parameter names are exactly those of the training checkpoints (MODEL_SPEC.md).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 from torch import nn
 
 from model.attention import MultiHeadLatentAttention
 from model.config import ModelConfig
-from model.layers import RMSNorm, rope_cos_sin
+from model.layers import PackedLinear, RMSNorm, rope_cos_sin
+from model.linear_backend import PlainLinear, Preparable, select_linear_backend
 from model.metadata import AttentionMetadata
 from model.moe import MoE
 
@@ -47,13 +51,55 @@ class CustomLLM(nn.Module):
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.decoder_layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
         # No final norm before lm_head: the trained model has none.
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=True)
+        self.lm_head = PackedLinear(config.hidden_size, config.vocab_size, bias=True)
+        self.linear_backend: PlainLinear | None = None  # set by prepare_for_inference
+
+    def _preparable(self) -> list[Preparable]:
+        modules: list[Preparable] = [self.lm_head]
+        for layer in self.decoder_layers:
+            assert isinstance(layer, DecoderLayer)
+            modules += [layer.self_attn, layer.mlp.moe]
+        return modules
+
+    @torch.no_grad()
+    def prepare_for_inference(self, backend: PlainLinear | str = "auto") -> None:
+        """Build the derived weights forward runs on (fused projections, backend-packed matrices), once.
+
+        NOTE: the weights are frozen from here on: load_state_dict re-prepares, but writing a parameter in
+        place does not reach the prepared copies. A copying backend (packed oneDNN) releases the dense
+        expert and lm_head/o_proj weights instead of holding them twice; state_dict unpacks them.
+        """
+        if isinstance(backend, str):
+            weight = self.lm_head.bias  # never released, so it keeps the real device and dtype
+            backend = select_linear_backend(weight.device, weight.dtype, backend)
+        self.unprepare()
+        for module in self._preparable():
+            module.prepare(backend)
+        self.linear_backend = backend
+
+    @torch.no_grad()
+    def unprepare(self) -> None:
+        """Drop the derived weights and restore any released dense ones (exact)."""
+        for module in self._preparable():
+            module.unprepare()
+        self.linear_backend = None
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        backend = self.linear_backend
+        self.unprepare()
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        if backend is not None:
+            self.prepare_for_inference(backend)
+        return result
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_caches: list[torch.Tensor], expert_counts: torch.Tensor | None = None) -> torch.Tensor:
         """Hidden states [T, D] for a flat batch. input_ids, positions [T]; expert_counts [layers, E] accumulates
         the tokens routed to each expert when given."""
+        if self.linear_backend is None:
+            with torch.inference_mode(False):  # derived weights must outlive inference mode
+                self.prepare_for_inference()
         x = self.token_embeddings(input_ids) + self.position_embeddings(positions)
         cos, sin = rope_cos_sin(positions, self.config.rope_dim, self.config.rope_theta)
         for i, layer in enumerate(self.decoder_layers):
@@ -64,4 +110,7 @@ class CustomLLM(nn.Module):
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits [N, V] in float32 for the hidden states [N, D] of the tokens that are sampled."""
+        if self.linear_backend is None:
+            with torch.inference_mode(False):
+                self.prepare_for_inference()
         return self.lm_head(hidden).float()

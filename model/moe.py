@@ -1,8 +1,9 @@
 """DeepSeek-style MoE with batched dispatch.
 
-Shapes: T tokens, D hidden, E routed experts, K experts per token.
-One routing for the whole flat batch; (token, expert) pairs sorted by expert so each expert runs one GEMM
-on its contiguous slice; results scattered back with their weights. The shared experts see every token.
+Shapes: T tokens, D hidden, E routed experts, K experts per token, P = T*K (token, expert) pairs.
+One routing for the whole flat batch; pairs sorted by expert so each expert runs one GEMM on its contiguous
+slice of a single gathered input; the weighted outputs go back to their tokens with one index_add.
+The shared experts see every token.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import torch
 from torch import nn
 
 from model.layers import StackedExperts
+from model.linear_backend import PlainLinear
 
 
 class MoE(nn.Module):
@@ -24,10 +26,27 @@ class MoE(nn.Module):
         self.router = nn.Linear(hidden_size, num_routed_experts, bias=False)
         self.routing_bias = nn.Parameter(torch.zeros(num_routed_experts))
 
+    def prepare(self, backend: PlainLinear) -> None:
+        self.shared_experts.prepare(backend)
+        self.routed_experts.prepare(backend)
+        self._router = (backend, backend.prepare(self.router.weight))
+
+    def unprepare(self) -> None:
+        self.shared_experts.unprepare()
+        self.routed_experts.unprepare()
+        self._router = None
+
+    _router: tuple[PlainLinear, torch.Tensor] | None = None  # (backend, prepared router weight)
+
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k experts [T, K] and their normalised weights [T, K] (float32)."""
         # The bias goes in before the sigmoid; selection and weights both use the biased probabilities.
-        probs = torch.sigmoid((self.router(x) + self.routing_bias).float())  # [T, E]
+        if self._router is None:
+            logits = self.router(x) + self.routing_bias
+        else:
+            backend, weight = self._router
+            logits = backend.linear(x, weight, self.routing_bias)  # bias added inside the GEMM
+        probs = torch.sigmoid(logits.float())  # [T, E]
         weights, experts = probs.topk(self.top_k, dim=-1)
         return weights / weights.sum(dim=-1, keepdim=True), experts
 
@@ -39,20 +58,24 @@ class MoE(nn.Module):
         if self.shared_experts.num_experts > 1:
             out = out / self.shared_experts.num_experts
 
-        weights, experts = self.route(x)
-        flat_experts = experts.flatten()  # [T*K]
-        order = flat_experts.argsort(stable=True)
-        token_of = order // self.top_k  # token index of each sorted (token, expert) pair
-        sorted_weights = weights.flatten()[order].to(x.dtype)
+        weights, experts = self.route(x)  # [T, K] each
+        flat_experts = experts.flatten()  # [P]
         counts = torch.bincount(flat_experts, minlength=self.num_routed_experts)  # [E]
         if expert_counts is not None:
             expert_counts += counts
+        if x.shape[0] == 1:
+            # One token: its K experts in the order chosen, no sort or gather needed.
+            order = torch.arange(self.top_k, device=x.device)
+            plan = [(int(e), 1) for e in flat_experts.tolist()]
+            x_sorted = x.expand(self.top_k, -1)
+        else:
+            order = flat_experts.argsort(stable=True)  # [P]
+            plan = [(e, c) for e, c in enumerate(counts.tolist()) if c]
+            x_sorted = x.index_select(0, order // self.top_k)  # [P, D], grouped by expert
+        ys = torch.empty_like(x_sorted)  # [P, D]
         start = 0
-        for expert, count in enumerate(counts.tolist()):
-            if count == 0:
-                continue
-            idx = token_of[start:start + count]
-            y = self.routed_experts.expert_forward(expert, x.index_select(0, idx))  # [count, D]
-            out.index_add_(0, idx, y * sorted_weights[start:start + count, None])
+        for expert, count in plan:
+            ys[start:start + count] = self.routed_experts.expert_forward(expert, x_sorted[start:start + count])
             start += count
-        return out
+        ys *= weights.flatten()[order, None].to(x.dtype)
+        return out.index_add_(0, order // self.top_k, ys)

@@ -128,11 +128,14 @@ def test_absorbed_decode_equals_decompressed_attention(tiny_model: CustomLLM) ->
     prefill_meta = AttentionMetadata(
         slot_mapping=decode_meta.slot_mapping, num_prefill_tokens=3, prefill_query_lens=[1, 1, 1],
         prefill_context_lens=lens,
-        prefill_context_slots=torch.cat([
-            (torch.tensor(t)[:, None] * BLOCK + torch.arange(BLOCK)).flatten()[:n] for t, n in zip(tables, lens)]),
+        prefill_context_slots=torch.cat([(torch.tensor(t)[:, None] * BLOCK + torch.arange(BLOCK)).flatten()[:n]
+                                         for t, n in zip(tables, lens, strict=True)]),
         decode_block_tables=torch.zeros(0, 1, dtype=torch.int64), decode_valid=torch.zeros(0, 4, dtype=torch.bool))
-    absorbed = attn._decode(q_nope, q_rope, decode_meta, cache)
-    decompressed = attn._prefill(q_nope, q_rope, prefill_meta, cache.view(-1, cache.shape[-1]))
+    q = torch.cat((q_nope, q_rope), dim=-1)
+    prep = attn._prepared
+    assert prep is not None
+    absorbed = attn._decode(prep, q, decode_meta, cache)
+    decompressed = attn._prefill(prep, q, prefill_meta, cache.view(-1, cache.shape[-1]))
     torch.testing.assert_close(absorbed, decompressed, atol=1e-5, rtol=1e-5)
 
 

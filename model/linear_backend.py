@@ -1,0 +1,106 @@
+"""Linear backends: how a weight matrix is stored and applied on this device and dtype, chosen once at load.
+
+`PlainLinear` is torch's `F.linear` on the dense weight: every device and dtype, and the oracle the others
+are checked against. `OneDNNPackedLinear` (CPU, bfloat16/float32) reorders each weight once into oneDNN's
+blocked layout, so small-batch GEMMs stream the weight instead of re-laying it out on every call
+(measured on the seed model: lm_head at 64 rows 32 ms -> 13 ms in bf16, 72 ms -> 27 ms in fp32).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+
+class PlainLinear:
+    """Dense weights and `F.linear`; prepared weights share storage with the parameters."""
+
+    name = "plain"
+    copies_weights = False  # prepare() returns the weight itself (or a view of it)
+
+    def prepare(self, weight: torch.Tensor) -> torch.Tensor:
+        """The weight [out, in] in this backend's layout."""
+        return weight.detach()
+
+    def unpack(self, prepared: torch.Tensor) -> torch.Tensor:
+        """The dense weight [out, in] back from a prepared one (exact)."""
+        return prepared
+
+    def linear(self, x: torch.Tensor, prepared: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x [..., in] -> [..., out]."""
+        return F.linear(x, prepared, bias)
+
+
+class OneDNNPackedLinear(PlainLinear):
+    """Weights reordered once into oneDNN's blocked layout (an opaque mkldnn tensor, a copy)."""
+
+    name = "onednn-packed"
+    copies_weights = True
+
+    def prepare(self, weight: torch.Tensor) -> torch.Tensor:
+        # The batch-size hint only picks the layout; 1 (decode) served every batch size as well as a
+        # hint equal to the batch in the bf16 measurements.
+        return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 1)
+
+    def unpack(self, prepared: torch.Tensor) -> torch.Tensor:
+        return prepared.to_dense()
+
+    def linear(self, x: torch.Tensor, prepared: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, prepared, bias, "none", [], "")
+
+
+class Preparable(Protocol):
+    """A module that builds derived weights for a backend (`prepare`) and drops them again (`unprepare`)."""
+
+    def prepare(self, backend: PlainLinear) -> None: ...
+
+    def unprepare(self) -> None: ...
+
+
+def _onednn_usable(device: torch.device, dtype: torch.dtype) -> bool:
+    if device.type != "cpu" or dtype not in (torch.bfloat16, torch.float32):
+        return False
+    if not torch.backends.mkldnn.is_available():
+        return False
+    ops = torch.ops.mkldnn
+    if not (hasattr(ops, "_reorder_linear_weight") and hasattr(ops, "_linear_pointwise")):
+        return False
+    if dtype == torch.bfloat16 and not ops._is_mkldnn_bf16_supported():
+        return False
+    # Self-check on a small case, bias included: a build whose ops misbehave falls back to plain.
+    try:
+        g = torch.Generator().manual_seed(0)
+        w = torch.randn(48, 40, generator=g).to(dtype)
+        b = torch.randn(48, generator=g).to(dtype)
+        x = torch.randn(3, 40, generator=g).to(dtype)
+        backend = OneDNNPackedLinear()
+        packed = backend.prepare(w)
+        got = backend.linear(x, packed, b).float()
+        ok = torch.allclose(got, F.linear(x, w, b).float(), atol=0.1, rtol=0.02) and torch.equal(
+            backend.unpack(packed), w)
+    except RuntimeError as exc:
+        logger.warning("oneDNN packed linear unavailable (%s); using plain torch linear", exc)
+        return False
+    if not ok:
+        logger.warning("oneDNN packed linear failed its self-check; using plain torch linear")
+    return ok
+
+
+BACKENDS = ("auto", "plain", "onednn-packed")
+
+
+def select_linear_backend(device: torch.device | str, dtype: torch.dtype, name: str = "auto") -> PlainLinear:
+    """The backend for weights of this device and dtype: packed oneDNN on capable CPUs, plain elsewhere."""
+    assert name in BACKENDS, f"unknown linear backend {name!r}, expected one of {BACKENDS}"
+    device = torch.device(device)
+    if name == "plain":
+        return PlainLinear()
+    usable = _onednn_usable(device, dtype)
+    if name == "onednn-packed" and not usable:
+        raise ValueError(f"linear backend onednn-packed is not usable on {device} with {dtype}")
+    return OneDNNPackedLinear() if usable else PlainLinear()
