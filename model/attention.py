@@ -31,6 +31,11 @@ class _Prepared:
     w_v_t: torch.Tensor  # [H, L, Dh]: v_proj_u per head, transposed (decode's absorbed value expansion)
 
 
+# Bytes of gathered decode context per chunk of sequences: small enough to stay in this class of CPU's
+# last-level cache (32 MiB here) next to everything else, big enough that per-chunk op overhead stays small.
+_DECODE_CHUNK_BYTES = 6 << 20
+
+
 class MultiHeadLatentAttention(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, latent_dim: int) -> None:
         super().__init__()
@@ -142,21 +147,29 @@ class MultiHeadLatentAttention(nn.Module):
         h, n, r, latent = self.num_heads, self.nope_dim, self.rope_dim, self.latent_dim
         b = q.shape[0]
         w_k = self.k_proj_u.weight.view(h, n, latent)
-        # One gather of whole blocks, kept contiguous: the GEMMs below read it without another copy.
-        ids = meta.decode_block_ids
-        ctx = meta.workspace((ids.shape[0], *cache.shape[1:]), cache.dtype)
-        torch.index_select(cache, 0, ids, out=ctx)
-        ctx = ctx.view(b, -1, cache.shape[-1])  # [B, S, F]
-
         q_entry = q.new_zeros(b, h, latent + h * r)  # [B, H, F]
         q_entry[:, :, :latent] = torch.bmm(q[..., :n].transpose(0, 1), w_k).transpose(0, 1)  # [B, H, L]
         # Head h's rope query sits at entry columns L + h*R .. L + (h+1)*R: the diagonal of [B, H, H, R].
         q_entry[:, :, latent:].view(b, h, h, r).diagonal(dim1=1, dim2=2).copy_(q[..., n:].transpose(1, 2))
-
         bias = meta.decode_bias(q.dtype)  # [B, 1, S] 0 / -inf for padding, None when nothing is padded
-        # scale * q.k (+ bias), accumulated in float32 inside the GEMM and rounded once.
-        scores = torch.baddbmm(q_entry.new_zeros(1, 1, 1) if bias is None else bias, q_entry, ctx.transpose(1, 2),
-                               beta=0.0 if bias is None else 1.0, alpha=self.scale)  # [B, H, S]
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)  # softmax in float32
-        mixed = torch.bmm(probs, ctx[..., :latent])  # [B, H, L]
+
+        # Sequences go in chunks whose gathered context stays cache-resident between the gather and the two
+        # GEMMs that read it (at 64 x 272 tokens: 4.4 -> 3.0 ms per layer against one 20 MB gather).
+        blocks = meta.decode_block_tables.shape[1]
+        per_seq = blocks * cache[0].numel() * cache.element_size()
+        chunk = max(1, min(b, _DECODE_CHUNK_BYTES // per_seq))
+        workspace = meta.workspace((chunk * blocks, *cache.shape[1:]), cache.dtype)
+        mixed = q.new_empty(b, h, latent)  # [B, H, L]
+        for start in range(0, b, chunk):
+            end = min(b, start + chunk)
+            # One gather of whole blocks, kept contiguous: the score GEMM reads it without another copy.
+            ctx = workspace[:(end - start) * blocks]
+            torch.index_select(cache, 0, meta.decode_block_ids[start * blocks:end * blocks], out=ctx)
+            ctx = ctx.view(end - start, -1, cache.shape[-1])  # [b, S, F]
+            # scale * q.k (+ bias), accumulated in float32 inside the GEMM and rounded once.
+            scores = torch.baddbmm(q_entry.new_zeros(1, 1, 1) if bias is None else bias[start:end],
+                                   q_entry[start:end], ctx.transpose(1, 2),
+                                   beta=0.0 if bias is None else 1.0, alpha=self.scale)  # [b, H, S]
+            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)  # softmax in float32
+            torch.bmm(probs, ctx[..., :latent], out=mixed[start:end])
         return torch.bmm(mixed.transpose(0, 1), prep.w_v_t).transpose(0, 1)  # [B, H, Dh]

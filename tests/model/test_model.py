@@ -2,9 +2,10 @@
 
 import random
 
+import pytest
 import torch
 
-from model import AttentionMetadata, CustomLLM, ModelConfig, PagedLatentCache
+from model import AttentionMetadata, CustomLLM, ModelConfig, PagedLatentCache, attention
 from model.moe import MoE
 from tests.model.conftest import TINY
 from tests.model.reference import reference_logits
@@ -112,7 +113,11 @@ def test_mixed_batches_chunked_prefill_and_decode_match_reference(tiny_model: Cu
     assert checked > 100
 
 
-def test_absorbed_decode_equals_decompressed_attention(tiny_model: CustomLLM) -> None:
+@pytest.mark.parametrize("chunk_bytes", [None, 1])  # 1: every sequence is its own decode chunk
+def test_absorbed_decode_equals_decompressed_attention(tiny_model: CustomLLM, chunk_bytes: int | None,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    if chunk_bytes is not None:
+        monkeypatch.setattr(attention, "_DECODE_CHUNK_BYTES", chunk_bytes)
     runner = PagedRunner(tiny_model)
     lens = [5, 9, 17]
     for s, n in enumerate(lens):
@@ -134,8 +139,9 @@ def test_absorbed_decode_equals_decompressed_attention(tiny_model: CustomLLM) ->
     q = torch.cat((q_nope, q_rope), dim=-1)
     prep = attn._prepared
     assert prep is not None
-    absorbed = attn._decode(prep, q, decode_meta, cache)
-    decompressed = attn._prefill(prep, q, prefill_meta, cache.view(-1, cache.shape[-1]))
+    with torch.inference_mode():  # as in the model's forward
+        absorbed = attn._decode(prep, q, decode_meta, cache)
+        decompressed = attn._prefill(prep, q, prefill_meta, cache.view(-1, cache.shape[-1]))
     torch.testing.assert_close(absorbed, decompressed, atol=1e-5, rtol=1e-5)
 
 
