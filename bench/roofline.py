@@ -1,0 +1,116 @@
+"""This machine's roofline for a seed-model decode step, next to the measured step time.
+
+Measures peak GEMM FLOP/s (a large square matmul, bf16 and fp32) and memory read bandwidth (summing a
+tensor far larger than the caches), then for each batch prints the lower bound on a decode step,
+max(bytes read / bandwidth, FLOPs / peak GEMM rate), and the step time the model achieves.
+
+Bytes read per step: the weights the step touches (attention, router, lm_head, the shared experts and the
+routed experts that receive a token: the expected number under uniform top-k routing, so 2 of 7 at batch 1
+and all 7 from batch ~32) plus every sequence's latent KV cache. FLOPs: 2 per multiply-add of those GEMMs
+for every token, plus absorbed attention over the cached context.
+
+Usage: python bench/roofline.py [--batches 1,8,32,64] [--context 256] [--dtype bfloat16] [--no-measure]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import torch
+
+from bench.model_step import best_time, decode_step, load_seed_model, make_cache
+from model import ModelConfig, PagedLatentCache
+
+
+@dataclasses.dataclass(frozen=True)
+class Machine:
+    gemm_flops: float  # FLOP/s of a large square matmul in the step's dtype
+    read_bandwidth: float  # bytes/s
+
+
+def measure_gemm(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of a size x size x size matmul."""
+    a = torch.randn(size, size).to(dtype)
+    b = torch.randn(size, size).to(dtype)
+    return 2 * size**3 / best_time(lambda: torch.mm(a, b), repeats)
+
+
+def measure_read_bandwidth(megabytes: int = 1024, repeats: int = 5) -> float:
+    """Bytes/s of summing a float32 tensor far larger than any cache (the sum's compute is negligible)."""
+    x = torch.ones(megabytes * (1 << 20) // 4)
+    return x.numel() * 4 / best_time(x.sum, repeats)
+
+
+def expected_routed_experts(config: ModelConfig, batch: int) -> float:
+    """Routed experts per layer that receive at least one of `batch` tokens, each picking top_k uniformly."""
+    e, k = config.num_routed_experts, config.top_k_experts
+    return e * (1 - (1 - k / e) ** batch)
+
+
+def decode_cost(config: ModelConfig, batch: int, context: int, dtype: torch.dtype) -> tuple[float, float]:
+    """(bytes read, FLOPs) of one decode step: `batch` sequences, `context` cached tokens each, logits included."""
+    d, lat, h = config.hidden_size, config.latent_dim, config.num_attention_heads
+    n, r, dh, i = config.nope_dim, config.rope_dim, config.head_dim, config.intermediate_size
+    # Weights per layer (elements), as the checkpoint lists them.
+    attention = 2 * d * lat + d * h * r + lat * h * n + lat * h * dh + lat * h * n + lat * h * r + h * dh * d
+    expert = 3 * d * i
+    router = d * config.num_routed_experts
+    routed = expected_routed_experts(config, batch)
+    head = config.vocab_size * d
+    elem = torch.finfo(dtype).bits // 8
+    weight_elems = config.num_hidden_layers * (attention + router + expert * (config.num_shared_experts + routed))
+    weight_elems += head + 2 * batch * d  # two embedding rows per token
+    kv_bytes = batch * (context + 1) * PagedLatentCache.bytes_per_token(config, dtype)
+    # FLOPs per token: every GEMM above (each token uses its top_k experts, not all the routed ones read),
+    # then absorbed attention: fold W_k into q, score [c | k_rope] entries, mix latents, expand with W_v.
+    # k_proj_u and v_proj_u are read but, absorbed, never applied as GEMMs over the token: see `attend`.
+    applied = attention - lat * h * n - lat * h * dh
+    gemm_elems = config.num_hidden_layers * (
+        applied + router + expert * (config.num_shared_experts + config.top_k_experts)) + head
+    attend = config.num_hidden_layers * 2 * h * (n * lat + (context + 1) * (lat + r) + (context + 1) * lat + lat * dh)
+    flops = batch * (2 * gemm_elems + attend)
+    return weight_elems * elem + kv_bytes, flops
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", default="1,8,32,64")
+    parser.add_argument("--context", type=int, default=256, help="cached tokens per sequence")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--no-measure", action="store_true", help="print the bounds only, without running the model")
+    args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
+    config = ModelConfig()
+    batches = [int(b) for b in args.batches.split(",")]
+
+    print(f"threads={torch.get_num_threads()}")
+    peak = {name: measure_gemm(dt) for name, dt in (("bfloat16", torch.bfloat16), ("float32", torch.float32))}
+    machine = Machine(gemm_flops=peak[args.dtype] if args.dtype in peak else measure_gemm(dtype),
+                      read_bandwidth=measure_read_bandwidth())
+    for name, flops in peak.items():
+        print(f"GEMM 2048^3 {name}: {flops / 1e9:7.1f} GFLOP/s")
+    print(f"memory read bandwidth: {machine.read_bandwidth / 1e9:7.1f} GB/s")
+
+    model = cache = None
+    if not args.no_measure:
+        model = load_seed_model(dtype)
+        cache = make_cache(config, dtype, max(batches), args.context, prompt=0)
+    print(f"\ndecode step, {args.dtype}, {args.context} cached tokens per sequence")
+    print(f"{'batch':>5} {'MB read':>9} {'GFLOP':>7} {'bw bound':>9} {'flop bound':>10} {'bound':>8} "
+          f"{'bound tok/s':>11} {'measured':>9} {'tok/s':>7} {'of bound':>8}")
+    for batch in batches:
+        nbytes, flops = decode_cost(config, batch, args.context, dtype)
+        t_bw, t_flop = nbytes / machine.read_bandwidth, flops / machine.gemm_flops
+        bound = max(t_bw, t_flop)
+        row = (f"{batch:5d} {nbytes / 1e6:9.0f} {flops / 1e9:7.1f} {t_bw * 1e3:7.1f}ms {t_flop * 1e3:8.1f}ms "
+               f"{bound * 1e3:6.1f}ms {batch / bound:11.0f}")
+        if model is not None and cache is not None:
+            measured = best_time(decode_step(model, cache, batch, args.context), args.repeats)
+            row += f" {measured * 1e3:7.1f}ms {batch / measured:7.1f} {bound / measured:8.0%}"
+        print(row)
+
+
+if __name__ == "__main__":
+    main()
