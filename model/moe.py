@@ -64,18 +64,18 @@ class MoE(nn.Module):
         if expert_counts is not None:
             expert_counts += counts
         if x.shape[0] == 1:
-            # One token: its K experts in the order chosen, no sort or gather needed.
-            order = torch.arange(self.top_k, device=x.device)
-            plan = [(int(e), 1) for e in flat_experts.tolist()]
-            x_sorted = x.expand(self.top_k, -1)
-        else:
-            order = flat_experts.argsort(stable=True)  # [P]
-            plan = [(e, c) for e, c in enumerate(counts.tolist()) if c]
-            x_sorted = x.index_select(0, order // self.top_k)  # [P, D], grouped by expert
+            # One token (batch-1 decode): its K experts straight from the routing, no sort, gather or scatter.
+            for expert, weight in zip(flat_experts.tolist(), weights.flatten().tolist(), strict=True):
+                out.add_(self.routed_experts.expert_forward(expert, x), alpha=weight)
+            return out
+        order = flat_experts.argsort(stable=True)  # [P]
+        token_of = order // self.top_k  # [P]: the token of each sorted pair
+        x_sorted = x.index_select(0, token_of)  # [P, D], grouped by expert
         ys = torch.empty_like(x_sorted)  # [P, D]
         start = 0
-        for expert, count in plan:
-            ys[start:start + count] = self.routed_experts.expert_forward(expert, x_sorted[start:start + count])
-            start += count
+        for expert, count in enumerate(counts.tolist()):
+            if count:
+                ys[start:start + count] = self.routed_experts.expert_forward(expert, x_sorted[start:start + count])
+                start += count
         ys *= weights.flatten()[order, None].to(x.dtype)
-        return out.index_add_(0, order // self.top_k, ys)
+        return out.index_add_(0, token_of, ys)
