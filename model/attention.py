@@ -119,9 +119,11 @@ class MultiHeadLatentAttention(nn.Module):
         outs = []
         q_start = ctx_start = 0
         for q_len, ctx_len in zip(meta.prefill_query_lens, meta.prefill_context_lens, strict=True):
-            qi = q[q_start:q_start + q_len].transpose(0, 1)  # [H, Q, Dh]
-            ki = k[ctx_start:ctx_start + ctx_len].transpose(0, 1)  # [H, C, Dh]
-            vi = v[ctx_start:ctx_start + ctx_len].transpose(0, 1)
+            # 4-D [1, H, len, Dh]: with a batch dimension torch's CPU SDPA takes its flash kernel (3-D inputs
+            # fall back to the unfused math path: 13.4 -> 7.7 ms for 512 causal tokens in bf16).
+            qi = q[q_start:q_start + q_len].transpose(0, 1)[None]  # [1, H, Q, Dh]
+            ki = k[ctx_start:ctx_start + ctx_len].transpose(0, 1)[None]  # [1, H, C, Dh]
+            vi = v[ctx_start:ctx_start + ctx_len].transpose(0, 1)[None]
             if q_len == ctx_len:
                 oi = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True)
             else:
@@ -129,7 +131,7 @@ class MultiHeadLatentAttention(nn.Module):
                 q_pos = torch.arange(ctx_len - q_len, ctx_len, device=q.device)
                 mask = torch.arange(ctx_len, device=q.device)[None, :] <= q_pos[:, None]  # [Q, C]
                 oi = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask)
-            outs.append(oi.transpose(0, 1))  # [Q, H, Dh]
+            outs.append(oi[0].transpose(0, 1))  # [Q, H, Dh]
             q_start += q_len
             ctx_start += ctx_len
         return torch.cat(outs) if len(outs) > 1 else outs[0]
