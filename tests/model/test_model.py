@@ -18,7 +18,7 @@ class PagedRunner:
 
     def __init__(self, model: CustomLLM, num_blocks: int = 96) -> None:
         self.model = model
-        self.cache = PagedLatentCache(model.config, num_blocks, BLOCK, torch.float32)
+        self.cache = PagedLatentCache(model.config, num_blocks, BLOCK, model.lm_head.bias.dtype)
         self.free = list(range(num_blocks))
         random.Random(0).shuffle(self.free)  # non-contiguous tables
         self.tables: dict[int, list[int]] = {}
