@@ -77,22 +77,26 @@ class AttentionMetadata:
 
         slots: list[torch.Tensor] = []
         prefill_slots: list[torch.Tensor] = []
+        decode_slots: list[int] = []  # plain ints: decode sequences are most of a big batch
         for i, (q_len, ctx_len, table) in enumerate(zip(query_lens, context_lens, block_tables, strict=True)):
             assert 1 <= q_len <= ctx_len, f"sequence {i}: query_len={q_len} context_len={ctx_len}"
             assert len(table) * block_size >= ctx_len, (
                 f"sequence {i}: {len(table)} blocks of {block_size} cannot hold {ctx_len} tokens")
-            table_t = torch.tensor(table, dtype=torch.int64)
-            # Slots of all context tokens: block b holds positions [b*bs, (b+1)*bs).
-            ctx_slots = (table_t[:, None] * block_size + torch.arange(block_size)).flatten()[:ctx_len]
-            slots.append(ctx_slots[ctx_len - q_len:])
             if i < num_prefill_seqs:
+                table_t = torch.tensor(table, dtype=torch.int64)
+                # Slots of all context tokens: block b holds positions [b*bs, (b+1)*bs).
+                ctx_slots = (table_t[:, None] * block_size + torch.arange(block_size)).flatten()[:ctx_len]
+                slots.append(ctx_slots[ctx_len - q_len:])
                 prefill_slots.append(ctx_slots)
+            else:
+                decode_slots.append(table[(ctx_len - 1) // block_size] * block_size + (ctx_len - 1) % block_size)
+        if decode_slots:
+            slots.append(torch.tensor(decode_slots, dtype=torch.int64))
 
         decode_tables = block_tables[num_prefill_seqs:]
         max_blocks = max((len(t) for t in decode_tables), default=0)
-        padded = torch.zeros(len(decode_tables), max_blocks, dtype=torch.int64)
-        for row, table in enumerate(decode_tables):
-            padded[row, :len(table)] = torch.tensor(table, dtype=torch.int64)
+        padded = torch.tensor([list(t) + [0] * (max_blocks - len(t)) for t in decode_tables],
+                              dtype=torch.int64).view(len(decode_tables), max_blocks)
         decode_lens = torch.tensor(context_lens[num_prefill_seqs:], dtype=torch.int64)
         decode_valid = torch.arange(max_blocks * block_size)[None, :] < decode_lens[:, None]
 
