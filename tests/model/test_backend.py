@@ -8,7 +8,7 @@ from model.linear_backend import OneDNNPackedLinear, PlainLinear, select_linear_
 from tests.model.conftest import TINY, randomise
 from tests.model.test_model import PagedRunner
 
-PACKED = isinstance(select_linear_backend("cpu", torch.float32), OneDNNPackedLinear)
+PACKED = isinstance(select_linear_backend("cpu", torch.bfloat16), OneDNNPackedLinear)
 needs_packed = pytest.mark.skipif(not PACKED, reason="oneDNN packed linear not usable on this CPU")
 
 
@@ -30,6 +30,7 @@ def _run(model: CustomLLM) -> torch.Tensor:
 
 def test_backend_choice() -> None:
     assert isinstance(select_linear_backend("cpu", torch.float16), PlainLinear)
+    assert isinstance(select_linear_backend("cpu", torch.float32), PlainLinear)  # float32 packs only by name
     assert isinstance(select_linear_backend("cpu", torch.float32, "plain"), PlainLinear)
     assert not isinstance(select_linear_backend("meta", torch.bfloat16), OneDNNPackedLinear)
     with pytest.raises(AssertionError, match="unknown linear backend"):
