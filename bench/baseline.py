@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     start = time.perf_counter()
     tokens = sum(len(generate(model, p, args.output_len)) for p in prompts)
     elapsed = time.perf_counter() - start
-    result = {"requests": args.requests, "output_tokens": tokens, "seconds": elapsed, "output_tok_per_s": tokens / elapsed}
+    result = {"requests": args.requests, "output_tokens": tokens, "seconds": elapsed,
+              "output_tok_per_s": tokens / elapsed}
     print(f"baseline (one request at a time, growing k/v cache, masked MoE loop, {args.dtype}): "
           f"{tokens} tokens in {elapsed:.1f} s = {tokens / elapsed:.1f} tok/s")
     if args.json:

@@ -73,14 +73,15 @@ def decode_cost(config: ModelConfig, batch: int, context: int, dtype: torch.dtyp
     return weight_elems * elem + kv_bytes, flops
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, object]:
+    """Print the table; return the machine figures and one row per batch (for bench/run_all.py)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", default="1,8,32,64")
     parser.add_argument("--context", type=int, default=256, help="cached tokens per sequence")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-measure", action="store_true", help="print the bounds only, without running the model")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     config = ModelConfig()
     batches = [int(b) for b in args.batches.split(",")]
@@ -97,6 +98,7 @@ def main() -> None:
     if not args.no_measure:
         model = load_seed_model(dtype)
         cache = make_cache(config, dtype, max(batches), args.context, prompt=0)
+    rows: list[dict[str, float]] = []
     print(f"\ndecode step, {args.dtype}, {args.context} cached tokens per sequence")
     print(f"{'batch':>5} {'MB read':>9} {'GFLOP':>7} {'bw bound':>9} {'flop bound':>10} {'bound':>8} "
           f"{'bound tok/s':>11} {'measured':>9} {'tok/s':>7} {'of bound':>8}")
@@ -109,7 +111,12 @@ def main() -> None:
         if model is not None and cache is not None:
             measured = best_time(decode_step(model, cache, batch, args.context), args.repeats)
             row += f" {measured * 1e3:7.1f}ms {batch / measured:7.1f} {bound / measured:8.0%}"
+            rows.append({"batch": batch, "bound_ms": bound * 1e3, "bound_tok_per_s": batch / bound,
+                         "measured_ms": measured * 1e3, "measured_tok_per_s": batch / measured})
+        else:
+            rows.append({"batch": batch, "bound_ms": bound * 1e3, "bound_tok_per_s": batch / bound})
         print(row)
+    return {"gemm_flops": peak, "read_bandwidth": machine.read_bandwidth, "decode": rows}
 
 
 if __name__ == "__main__":
