@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from model import CustomLLM, load_model
-from model.layers import apply_rope, rope_cos_sin
+from model.layers import apply_rope_, rope_cos_sin
 
 
 def moe_masked(moe: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
@@ -57,9 +57,12 @@ def generate(model: CustomLLM, prompt: list[int], max_new: int) -> list[int]:
             a = layer.self_attn
             hn = layer.input_norm(x)
             c_kv, c_q = a.kv_proj_d(hn), a.q_proj_d(hn)
-            k = torch.cat((a.k_proj_u(c_kv).view(-1, h, n), apply_rope(a.rope_k(hn).view(-1, h, r), cos, sin)), -1)
+            k_rope, q_rope = a.rope_k(hn).view(-1, h, r), a.rope_q(c_q).view(-1, h, r)
+            apply_rope_(k_rope, cos, sin)
+            apply_rope_(q_rope, cos, sin)
+            k = torch.cat((a.k_proj_u(c_kv).view(-1, h, n), k_rope), -1)
             v = a.v_proj_u(c_kv).view(-1, h, cfg.head_dim)
-            q = torch.cat((a.q_proj_u(c_q).view(-1, h, n), apply_rope(a.rope_q(c_q).view(-1, h, r), cos, sin)), -1)
+            q = torch.cat((a.q_proj_u(c_q).view(-1, h, n), q_rope), -1)
             cached = past[i]
             if cached is not None:
                 k, v = torch.cat((cached[0], k)), torch.cat((cached[1], v))
@@ -86,6 +89,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     model = load_model(args.model, dtype=getattr(torch, args.dtype))
+    model.unprepare()  # plain dense weights and F.linear, as a user's own generate() loop would have
     rng = random.Random(0)
     prompts = [[rng.randrange(100, model.config.vocab_size) for _ in range(args.prompt_len)]
                for _ in range(args.requests)]
