@@ -44,7 +44,7 @@ def write_tiny_checkpoint(directory: Path, seed: int = 0) -> Path:
     return directory
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -55,7 +55,7 @@ def local_server(model: str | None, extra_args: list[str], startup_timeout: floa
     """Start `python -m server` on a free loopback port; stop it (SIGTERM, then SIGKILL) on exit."""
     with tempfile.TemporaryDirectory(prefix="customllm-bench-") as tmp:
         path = model or str(write_tiny_checkpoint(Path(tmp) / "tiny"))
-        port = _free_port()
+        port = free_port()
         cmd = [sys.executable, "-m", "server", "--model", path, "--host", "127.0.0.1", "--port", str(port),
                "--dtype", "float32", "--device", "cpu", "--log-level", "warning", *extra_args]
         proc = subprocess.Popen(cmd)

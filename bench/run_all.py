@@ -11,7 +11,6 @@ import argparse
 import datetime
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -23,12 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench import baseline, roofline, serve  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from bench.local_server import free_port  # noqa: E402
 
 
 def start_server(model: str | None, dtype: str, port: int, max_num_seqs: int) -> subprocess.Popen[bytes]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -15,6 +14,7 @@ import torch
 import uvicorn
 from safetensors.torch import save_file
 
+from bench.local_server import free_port
 from model import ModelConfig, load_model
 from server.api import ServerSettings, create_app
 from server.metrics import ServerMetrics
@@ -36,12 +36,6 @@ def write_tiny_checkpoint(directory: Path, seed: int = 0) -> Path:
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, directory / "model.safetensors")
     (directory / "config.json").write_text(json.dumps(TINY_SERVE.to_dict()))
     return directory
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class LiveServer:
