@@ -47,7 +47,7 @@ Send = Callable[[Message], Awaitable[None]]
 
 @dataclasses.dataclass(frozen=True)
 class ServerSettings:
-    """HTTP-level settings (the engine's own limits live in EngineConfig)."""
+    """HTTP-level settings (the engine's own limits live in SchedulerConfig)."""
 
     served_model_name: str = "customllm"
     api_key: str | None = None

@@ -103,27 +103,10 @@ class _RequestState:
     last_token_time: float | None = None
 
 
-@dataclasses.dataclass(frozen=True)
-class EngineConfig:
-    """Scheduling and cache limits, validated at construction."""
-
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 512
-    max_model_len: int = 2048
-    block_size: int = 16
-    num_blocks: int = 4096
-    enable_prefix_caching: bool = True
-
-    def scheduler_config(self) -> SchedulerConfig:
-        return SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
-                               max_model_len=self.max_model_len, block_size=self.block_size,
-                               num_blocks=self.num_blocks, enable_prefix_caching=self.enable_prefix_caching)
-
-
 class Engine:
     """Continuous-batching engine. `add_request` and `abort` are safe from any thread."""
 
-    def __init__(self, runner: ModelRunner, config: EngineConfig, vocab_size: int,
+    def __init__(self, runner: ModelRunner, config: SchedulerConfig, vocab_size: int,
                  metrics: ServerMetrics | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         max_positions = runner.model.config.max_position_embeddings
         if config.max_model_len > max_positions:
@@ -134,7 +117,7 @@ class Engine:
         self.vocab_size = vocab_size
         self.metrics = metrics
         self.clock = clock
-        self.scheduler = Scheduler(config.scheduler_config(), clock=clock)
+        self.scheduler = Scheduler(config, clock=clock)
         self.eos_token_id = runner.eos_token_id
         self._seq_ids = itertools.count()
         self._lock = threading.Lock()

@@ -9,10 +9,11 @@ from pathlib import Path
 import torch
 
 from model import ModelConfig, PagedLatentCache, load_model
-from server.engine import Engine, EngineConfig
+from server.engine import Engine
 from server.metrics import ServerMetrics
 from server.model_runner import ModelRunner
 from server.sampling import Sampler
+from server.scheduler import SchedulerConfig
 
 logger = logging.getLogger(__name__)
 
@@ -85,10 +86,10 @@ def build_engine(model_path: str | None, *, dtype: str = "auto", device: str = "
     if num_blocks * block_size < max_len:
         raise ValueError(f"--kv-cache-tokens gives room for {num_blocks * block_size} tokens, less than one "
                          f"sequence of max_model_len={max_len}; raise it to at least {max_len}")
-    engine_config = EngineConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                                 max_model_len=max_len, block_size=block_size, num_blocks=num_blocks,
-                                 enable_prefix_caching=enable_prefix_caching)
-    engine_config.scheduler_config()  # validates the limits against each other before allocating the cache
+    # Validated here, before the cache is allocated.
+    scheduler_config = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                                       max_model_len=max_len, block_size=block_size, num_blocks=num_blocks,
+                                       enable_prefix_caching=enable_prefix_caching)
     cache = PagedLatentCache(config, num_blocks, block_size, torch_dtype, torch_device)
     per_token = PagedLatentCache.bytes_per_token(config, torch_dtype)
     logger.info("model: %s params, %s on %s; KV cache: %d tokens (%d blocks of %d), %s bytes per token "
@@ -100,4 +101,4 @@ def build_engine(model_path: str | None, *, dtype: str = "auto", device: str = "
         metrics.set_info(model_path or "random-seed-weights", str(torch_dtype).removeprefix("torch."),
                          str(torch_device))
     runner = ModelRunner(model, cache, Sampler(seed=seed), eos_token_id)
-    return Engine(runner, engine_config, config.vocab_size, metrics)
+    return Engine(runner, scheduler_config, config.vocab_size, metrics)

@@ -8,9 +8,10 @@ import dataclasses
 import torch
 
 from model import PagedLatentCache, load_model
-from server.engine import Engine, EngineConfig, SequenceOutput
+from server.engine import Engine, SequenceOutput
 from server.model_runner import ModelRunner
 from server.sampling import Sampler, SamplingParams
+from server.scheduler import SchedulerConfig
 from tests.model.conftest import TINY, randomise
 
 
@@ -22,7 +23,7 @@ def make_engine(num_blocks: int = 256, block_size: int = 4, max_num_seqs: int = 
     model = load_model(None, dtype=torch.float32, config=model_config)
     randomise(model, seed)
     cache = PagedLatentCache(model_config, num_blocks, block_size, torch.float32)
-    config = EngineConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+    config = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                           max_model_len=max_model_len, block_size=block_size, num_blocks=num_blocks,
                           enable_prefix_caching=enable_prefix_caching)
     return Engine(ModelRunner(model, cache, Sampler(seed=0), eos_token_id=0), config, TINY.vocab_size)
