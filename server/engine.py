@@ -238,7 +238,7 @@ class Engine:
             else:
                 self.scheduler.waiting.remove(seq)
                 seq.status = SequenceStatus.FINISHED
-            self._finished(seq, reason, [])
+            self._finished(seq, reason)
 
     def step(self) -> None:
         """Schedule one batch, run it, hand out its tokens."""
@@ -246,7 +246,6 @@ class Engine:
         if out.is_empty:
             self._wakeup.wait(timeout=0.01)  # nothing fits right now (e.g. after preempting everything)
             return
-        now = self.clock()
         try:
             sampled, expert_counts = self.runner.execute(out.scheduled)
         except Exception:
@@ -255,7 +254,7 @@ class Engine:
             for s in out.scheduled:
                 if s.seq.status is SequenceStatus.RUNNING:
                     self.scheduler.finish(s.seq)
-                    self._finished(s.seq, "error", [])
+                    self._finished(s.seq, "error")
             return
         self.scheduler.postprocess(out)
         self.num_steps += 1
@@ -290,10 +289,11 @@ class Engine:
             self._count_finished(seq, reason)
         state.stream.put(output)
 
-    def _finished(self, seq: Sequence, reason: str, token_ids: list[int]) -> None:
+    def _finished(self, seq: Sequence, reason: str) -> None:
+        """End a sample that produced no token this step (abort, error, shutdown)."""
         state: _RequestState = seq.data  # type: ignore[assignment]
         self._count_finished(seq, reason)
-        state.stream.put(SequenceOutput(state.index, token_ids, [] if state.params.logprobs is not None else None,
+        state.stream.put(SequenceOutput(state.index, [], [] if state.params.logprobs is not None else None,
                                         [] if state.params.logprobs is not None else None, reason))
 
     def _count_finished(self, seq: Sequence, reason: str) -> None:
@@ -333,5 +333,5 @@ class Engine:
                 except Exception:  # the scheduler may be what broke; the stream must still end
                     logger.exception("could not free %s", seq)
             seq.status = SequenceStatus.FINISHED
-            self._finished(seq, reason, [])
+            self._finished(seq, reason)
         self.scheduler.waiting.clear()
