@@ -42,7 +42,9 @@ def moe_masked(moe: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
 
 @torch.inference_mode()
 def generate(model: CustomLLM, prompt: list[int], max_new: int) -> list[int]:
-    """Greedy decoding with a per-layer [past, H, Dh] k/v cache that grows by concatenation."""
+    """Greedy decoding with a per-layer [past, H, Dh] k/v cache that grows by concatenation, on the plain dense
+    weights of an unprepared model."""
+    assert model.linear_backend is None, "unprepare() the model first: the baseline runs on plain dense weights"
     cfg = model.config
     h, n, r = cfg.num_attention_heads, cfg.nope_dim, cfg.rope_dim
     past: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * cfg.num_hidden_layers
@@ -72,7 +74,8 @@ def generate(model: CustomLLM, prompt: list[int], max_new: int) -> list[int]:
             probs = scores.float().masked_fill(~mask, float("-inf")).softmax(-1).to(v.dtype)
             x = x + a.o_proj(torch.einsum("hqk,khd->qhd", probs, v).reshape(len(ids), -1))
             x = x + moe_masked(layer.mlp.moe, layer.post_attn_norm(x))
-        token = int(model.compute_logits(x[-1:]).argmax())
+        # lm_head as a plain layer: compute_logits would re-prepare the model for the server's fast path.
+        token = int(model.lm_head(x[-1:]).argmax())
         out.append(token)
         start += len(ids)
         ids = torch.tensor([token])
