@@ -85,6 +85,16 @@ def decode_cost(config: ModelConfig, batch: int, context: int, dtype: torch.dtyp
     return weight_elems * elem + kv_bytes, flops
 
 
+def serving_flops_per_output_token(config: ModelConfig, prompt_len: int, output_len: int,
+                                   dtype: torch.dtype) -> float:
+    """FLOPs the server spends per generated token when every request prefills `prompt_len` fresh tokens and
+    decodes `output_len`: a prompt token costs what a decode token does, less the lm_head (only the last prompt
+    token gets logits). A lower bound on the work at any concurrency; batching saves bytes, not FLOPs."""
+    per_token = decode_cost(config, 1, prompt_len + output_len // 2, dtype)[1]
+    head = 2 * config.vocab_size * config.hidden_size
+    return (prompt_len * (per_token - head) + head + output_len * per_token) / output_len
+
+
 def main(argv: list[str] | None = None) -> dict[str, object]:
     """Print the table; return the machine figures and one row per batch (for bench/run_all.py)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -93,6 +103,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-measure", action="store_true", help="print the bounds only, without running the model")
+    parser.add_argument("--prompt-len", type=int, default=64, help="for the serving bound")
+    parser.add_argument("--output-len", type=int, default=64, help="for the serving bound")
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     config = ModelConfig()
@@ -128,7 +140,11 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         else:
             rows.append({"batch": batch, "bound_ms": bound * 1e3, "bound_tok_per_s": batch / bound})
         print(row)
-    return {"gemm_flops": peak, "read_bandwidth": machine.read_bandwidth, "decode": rows}
+    serving = machine.gemm_flops / serving_flops_per_output_token(config, args.prompt_len, args.output_len, dtype)
+    print(f"\nserving bound, {args.prompt_len}-token prompts (all prefilled) and {args.output_len}-token outputs: "
+          f"{serving:.0f} output tok/s at any concurrency (FLOPs at the GEMM peak)")
+    return {"gemm_flops": peak, "read_bandwidth": machine.read_bandwidth, "decode": rows,
+            "serving_bound_tok_per_s": serving}
 
 
 if __name__ == "__main__":

@@ -60,7 +60,8 @@ def main() -> None:
     stamp = datetime.date.today().isoformat()
 
     print("== roofline ==", flush=True)
-    roof = roofline.main(["--dtype", args.dtype, "--batches", args.concurrency])
+    roof = roofline.main(["--dtype", args.dtype, "--batches", args.concurrency, "--prompt-len", str(args.prompt_len),
+                          "--output-len", str(args.output_len)])
     print("== baseline ==", flush=True)
     base = baseline.main(["--dtype", args.dtype, "--requests", str(args.baseline_requests), "--prompt-len",
                           str(args.prompt_len), "--output-len", str(args.output_len)] +
@@ -81,6 +82,9 @@ def main() -> None:
                                        for r in report["levels"]}}
     (out_dir / f"{stamp}.json").write_text(json.dumps(summary, indent=2))
     serve.plot(report["levels"], str(out_dir / f"{stamp}.png"), base["output_tok_per_s"])
+    bound = roof["serving_bound_tok_per_s"]
+    print(f"served output tok/s as a share of the serving bound ({bound:.0f} tok/s): "
+          + ", ".join(f"{r['concurrency']}: {r['output_tok_per_s'] / bound:.0%}" for r in report["levels"]))
     print(f"baseline {base['output_tok_per_s']:.1f} tok/s; speed-up by concurrency: "
           + ", ".join(f"{c}: {s:.1f}x" for c, s in summary["speedup_vs_baseline"].items()))
     print(f"wrote {out_dir / (stamp + '.json')} and .png")
