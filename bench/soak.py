@@ -9,7 +9,8 @@ a few chunks, non-streaming requests abandoned after a random delay). Afterwards
   - no request still running and every cache block free (customllm_num_requests_running == 0,
     customllm_kv_cache_usage_ratio == 0);
   - resident memory (VmRSS of --pid, or of the started server) grew under 5% from warm-up to the end;
-  - seeded and greedy requests replayed at the end (non-streaming) give identical text.
+  - seeded and greedy requests replayed at the end (non-streaming) give identical text. Exact in float32; a bf16
+    server rounds a prompt that load split across steps (chunked prefill) differently, so a replay may differ.
 
   python bench/soak.py --url http://127.0.0.1:8000 --pid $(pgrep -f customllm-server) --duration 600
   python bench/soak.py --start-server --duration 600       # a tiny random model on a free port
