@@ -265,10 +265,8 @@ class OpenAIServing:
             return _sse(CompletionStreamResponse(id=request_id, created=created, model=model, choices=[choice],
                                                  usage=usage() if continuous else None))
 
-        def delta(builder: ChoiceBuilder, text: str, logprobs_from: int) -> str | None:
+        def delta(builder: ChoiceBuilder, text: str, logprobs_from: int) -> str:
             lp = logprobs_of(builder, logprobs_from)
-            if not (text or builder.finish_reason is not None or (lp is not None and lp.tokens)):
-                return None
             return chunk(CompletionChoice(index=builder.index, text=text, logprobs=lp,
                                           finish_reason=builder.finish_reason, stop_reason=builder.stop_reason))
 
@@ -339,10 +337,8 @@ class OpenAIServing:
             return _sse(ChatCompletionChunk(id=request_id, created=created, model=model, choices=[choice],
                                             usage=usage() if continuous else None))
 
-        def delta(builder: ChoiceBuilder, text: str, logprobs_from: int) -> str | None:
+        def delta(builder: ChoiceBuilder, text: str, logprobs_from: int) -> str:
             lp = logprobs_of(builder, logprobs_from)
-            if not (text or builder.finish_reason is not None or (lp is not None and lp.content)):
-                return None
             return chunk(ChatCompletionStreamChoice(
                 index=builder.index, delta=DeltaMessage(content=text) if text else DeltaMessage(),
                 logprobs=lp, finish_reason=builder.finish_reason, stop_reason=builder.stop_reason))
@@ -368,19 +364,21 @@ async def _drain(outputs: AsyncIterator[tuple[ChoiceBuilder, str, SequenceOutput
 
 
 def _sse_response(outputs: AsyncIterator[tuple[ChoiceBuilder, str, SequenceOutput]], builders: list[ChoiceBuilder],
-                  opening: list[str], delta: Callable[[ChoiceBuilder, str, int], str | None],
+                  opening: list[str], delta: Callable[[ChoiceBuilder, str, int], str],
                   closing: Callable[[], str] | None) -> StreamingResponse:
-    """An SSE stream: the opening chunks, one chunk per output that `delta` renders (given the text it adds and
-    the first logprob entry not yet sent), the closing chunk (usage) if any, then [DONE]."""
+    """An SSE stream: the opening chunks, one chunk per output that adds text, logprobs or the finish reason
+    (rendered by `delta`, given the text it adds and the first logprob entry not yet sent), the closing chunk
+    (usage) if any, then [DONE]."""
     async def events() -> AsyncIterator[str]:
         for first in opening:
             yield first
         logprobs_sent = {b.index: 0 for b in builders}
         async for builder, text, _ in outputs:
-            event = delta(builder, text, logprobs_sent[builder.index])
+            sent = logprobs_sent[builder.index]
+            # builder.logprobs only fills when the request asked for logprobs.
+            if text or builder.finish_reason is not None or len(builder.logprobs) > sent:
+                yield delta(builder, text, sent)
             logprobs_sent[builder.index] = len(builder.logprobs)
-            if event is not None:
-                yield event
         if closing is not None:
             yield closing()
         yield _sse("[DONE]")
