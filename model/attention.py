@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.layers import PackedLinear, apply_rope_
-from model.linear_backend import PlainLinear
 from model.metadata import AttentionMetadata
+from model.ops.linear import PlainLinear
 
 
 @dataclasses.dataclass(frozen=True)

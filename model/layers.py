@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.linear_backend import PlainLinear
+from model.ops.linear import PlainLinear
 
 
 class RMSNorm(nn.Module):

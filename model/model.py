@@ -15,9 +15,9 @@ from torch import nn
 from model.attention import MultiHeadLatentAttention
 from model.config import ModelConfig
 from model.layers import PackedLinear, RMSNorm, rope_cos_sin
-from model.linear_backend import PlainLinear, Preparable, select_linear_backend
 from model.metadata import AttentionMetadata
 from model.moe import MoE
+from model.ops.linear import PlainLinear, Preparable, select_linear_backend
 
 
 class MLP(nn.Module):

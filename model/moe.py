@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from model.layers import StackedExperts
-from model.linear_backend import PlainLinear
+from model.ops.linear import PlainLinear
 
 
 class MoE(nn.Module):

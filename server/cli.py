@@ -13,8 +13,8 @@ from types import FrameType
 import uvicorn
 
 from model import CheckpointError
-from server.api import ServerSettings, create_app
 from server.metrics import ServerMetrics
+from server.openai.api import ServerSettings, create_app
 from server.startup import build_engine
 from server.tokenizer import load_tokenizer
 

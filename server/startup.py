@@ -12,11 +12,11 @@ from typing import TypeVar
 import torch
 
 from model import ModelConfig, PagedLatentCache, load_model
-from server.engine import Engine
+from server.engine.engine import Engine
+from server.engine.model_runner import ModelRunner
+from server.engine.sampler import Sampler
+from server.engine.scheduler import SchedulerConfig
 from server.metrics import ServerMetrics
-from server.model_runner import ModelRunner
-from server.sampling import Sampler
-from server.scheduler import SchedulerConfig
 
 logger = logging.getLogger(__name__)
 _T = TypeVar("_T")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from model import CustomLLM, load_model
-from model.linear_backend import OneDNNPackedLinear, PlainLinear, select_linear_backend
+from model.ops.linear import OneDNNPackedLinear, PlainLinear, select_linear_backend
 from tests.model.conftest import TINY, randomise
 from tests.model.test_model import PagedRunner
 

@@ -7,7 +7,7 @@ import torch
 
 from bench import baseline
 from model import CustomLLM, load_model
-from model.linear_backend import select_linear_backend
+from model.ops.linear import select_linear_backend
 from tests.model.conftest import TINY, randomise
 from tests.model.reference import reference_greedy
 

@@ -16,9 +16,9 @@ from typing import Any
 import httpx
 import pytest
 
-from server.engine import Engine, EngineDeadError
-from server.sampling import SamplingParams
-from server.scheduler import ScheduledSequence
+from server.engine.engine import Engine, EngineDeadError
+from server.engine.sampling_params import SamplingParams
+from server.engine.scheduler import ScheduledSequence
 from server.startup import build_engine
 from tests.server.live import LiveServer, live_server
 from tests.server.sse import DONE, assert_error, finish_of, iter_sse

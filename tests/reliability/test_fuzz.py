@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from bench.fuzz import run_fuzz
-from server.api import ServerSettings
+from server.openai.api import ServerSettings
 from tests.server.live import live_server
 
 CASES = 300

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from server import block_manager as block_manager_module
+from server.engine import block_manager as block_manager_module
 from tests.server.live import LiveServer, live_server
 
 MAX_TOKENS = 24

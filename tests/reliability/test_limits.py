@@ -12,10 +12,10 @@ from typing import Any
 import httpx
 import pytest
 
-from server.api import ServerSettings
 from server.cli import build_parser
-from server.protocol import MAX_LOGPROBS, MAX_N, MAX_STOP_STRING_LEN, MAX_STOP_STRINGS
-from server.serving import MAX_CHOICES
+from server.openai.api import ServerSettings
+from server.openai.protocol import MAX_LOGPROBS, MAX_N, MAX_STOP_STRING_LEN, MAX_STOP_STRINGS
+from server.openai.serving import MAX_CHOICES
 from tests.server.live import LiveServer, live_server
 from tests.server.sse import assert_error
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server import api as api_module
-from server.api import ServerSettings
 from server.cli import build_parser
+from server.openai import api as api_module
+from server.openai.api import ServerSettings
 from tests.server.live import LiveServer, live_server
 from tests.server.sse import assert_error
 

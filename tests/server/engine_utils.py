@@ -8,10 +8,11 @@ import dataclasses
 import torch
 
 from model import PagedLatentCache, load_model
-from server.engine import Engine, SequenceOutput
-from server.model_runner import ModelRunner
-from server.sampling import Sampler, SamplingParams
-from server.scheduler import SchedulerConfig
+from server.engine.engine import Engine, SequenceOutput
+from server.engine.model_runner import ModelRunner
+from server.engine.sampler import Sampler
+from server.engine.sampling_params import SamplingParams
+from server.engine.scheduler import SchedulerConfig
 from tests.model.conftest import TINY, randomise
 
 

@@ -16,8 +16,8 @@ from safetensors.torch import save_file
 
 from bench.local_server import free_port
 from model import ModelConfig, load_model
-from server.api import ServerSettings, create_app
 from server.metrics import ServerMetrics
+from server.openai.api import ServerSettings, create_app
 from server.startup import build_engine
 from server.tokenizer import load_tokenizer
 from tests.model.conftest import randomise

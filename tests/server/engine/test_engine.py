@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from server.engine import Engine
-from server.sampling import SamplingParams
+from server.engine.engine import Engine
+from server.engine.sampling_params import SamplingParams
 from tests.server.engine_utils import collect, make_engine, run_all
 
 VOCAB = 97

@@ -4,8 +4,8 @@ import random
 
 import pytest
 
-from server.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
-from server.sequence import Sequence, SequenceStatus
+from server.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from server.engine.sequence import Sequence, SequenceStatus
 
 
 def fake_token(tokens: list[int]) -> int:

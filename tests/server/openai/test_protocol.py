@@ -1,4 +1,4 @@
-"""Tests for server/protocol.py: strict request validation, clear errors, response shapes."""
+"""Tests for server/openai/protocol/: strict request validation, clear errors, response shapes."""
 
 import json
 import math
@@ -11,7 +11,7 @@ import openai.types.chat as oai_chat
 import pytest
 from pydantic import BaseModel, ValidationError
 
-from server.protocol import (
+from server.openai.protocol import (
     ChatChoiceLogprobs,
     ChatCompletionChoice,
     ChatCompletionChunk,
@@ -424,5 +424,5 @@ def test_model_list_and_error_shapes() -> None:
 
 
 def test_protocol_does_not_import_torch() -> None:
-    code = "import sys, server.protocol; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, server.openai.protocol; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)

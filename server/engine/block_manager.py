@@ -9,7 +9,7 @@ needs the space; they are then evicted least recently freed first.
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
-from server.sequence import Sequence
+from server.engine.sequence import Sequence
 
 # The parent content id of every sequence's first block.
 _ROOT_CONTENT_ID = 0

@@ -13,8 +13,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from server.block_manager import BlockManager
-from server.sequence import Sequence, SequenceStatus
+from server.engine.block_manager import BlockManager
+from server.engine.sequence import Sequence, SequenceStatus
 
 
 @dataclass(frozen=True, kw_only=True)

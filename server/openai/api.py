@@ -15,9 +15,9 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server.engine import Engine
+from server.engine.engine import Engine
 from server.metrics import ServerMetrics
-from server.protocol import (
+from server.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
@@ -30,7 +30,9 @@ from server.protocol import (
     chat_template_input,
     describe_errors,
 )
-from server.serving import APIError, OpenAIServing, ServingLimits, check_unicode
+from server.openai.serving import APIError, ServingLimits, check_unicode
+from server.openai.serving_chat import OpenAIServingChat
+from server.openai.serving_completions import OpenAIServingCompletion
 from server.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -157,7 +159,8 @@ def _validation_error(_: Request, exc: Exception) -> JSONResponse:
 def create_app(engine: Engine, tokenizer: Tokenizer, settings: ServerSettings, metrics: ServerMetrics) -> FastAPI:
     """The HTTP app; its lifespan starts and stops the engine."""
     limits = ServingLimits(settings.served_model_name, engine.config.max_model_len, settings.max_queued_requests)
-    serving = OpenAIServing(engine, tokenizer, limits)
+    serving = OpenAIServingCompletion(engine, tokenizer, limits)
+    serving_chat = OpenAIServingChat(engine, tokenizer, limits)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -199,11 +202,11 @@ def create_app(engine: Engine, tokenizer: Tokenizer, settings: ServerSettings, m
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        return unavailable() or await serving.completions(body, request)
+        return unavailable() or await serving.create_completion(body, request)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        return unavailable() or await serving.chat(body, request)
+        return unavailable() or await serving_chat.create_chat_completion(body, request)
 
     @app.get("/v1/models")
     async def models() -> ModelList:

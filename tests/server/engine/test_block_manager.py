@@ -2,9 +2,9 @@
 
 import pytest
 
-import server.block_manager as block_manager_module
-from server.block_manager import BlockManager
-from server.sequence import Sequence
+import server.engine.block_manager as block_manager_module
+from server.engine.block_manager import BlockManager
+from server.engine.sequence import Sequence
 
 BS = 4  # small blocks keep the arithmetic in the tests readable
 

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from server.api import ServerSettings
+from server.openai.api import ServerSettings
 from tests.server.live import LiveServer, live_server
 from tests.server.sse import assert_error
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import cast
 
-from server.engine import SequenceOutput
-from server.protocol import FinishReason
+from server.engine.engine import SequenceOutput
+from server.openai.protocol import FinishReason
 from server.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
 
 

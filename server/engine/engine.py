@@ -16,11 +16,12 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 
+from server.engine.model_runner import ModelRunner, SampledToken
+from server.engine.sampler_state import SamplingState
+from server.engine.sampling_params import SamplingParams
+from server.engine.scheduler import Scheduler, SchedulerConfig
+from server.engine.sequence import Sequence, SequenceStatus
 from server.metrics import ServerMetrics
-from server.model_runner import ModelRunner, SampledToken
-from server.sampling import SamplingParams, SamplingState
-from server.scheduler import Scheduler, SchedulerConfig
-from server.sequence import Sequence, SequenceStatus
 
 logger = logging.getLogger(__name__)
 

@@ -4,13 +4,10 @@ import math
 import pytest
 import torch
 
-from server.sampling import (
-    Sampler,
-    SamplingParams,
-    SamplingState,
-    apply_penalties,
-    apply_temperature_and_filters,
-)
+from server.engine.logits_processors import apply_penalties, apply_temperature_and_filters
+from server.engine.sampler import Sampler
+from server.engine.sampler_state import SamplingState
+from server.engine.sampling_params import SamplingParams
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 EOS = 3
@@ -318,7 +315,7 @@ def test_filters_match_full_sort_reference(ties: bool) -> None:
 
 
 def test_inverse_cdf_draws_only_tokens_with_probability() -> None:
-    from server.sampling import _inverse_cdf_
+    from server.engine.sampler import _inverse_cdf_
 
     logits = torch.full((4, 6), -math.inf)
     logits[:, 2] = 0.0

@@ -7,8 +7,9 @@ import dataclasses
 import torch
 
 from model import AttentionMetadata, CustomLLM, PagedLatentCache
-from server.sampling import Sampler, SamplingState
-from server.scheduler import ScheduledSequence
+from server.engine.sampler import Sampler
+from server.engine.sampler_state import SamplingState
+from server.engine.scheduler import ScheduledSequence
 
 
 @dataclasses.dataclass

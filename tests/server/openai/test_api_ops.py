@@ -19,12 +19,12 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.api import ServerSettings
+from server.openai.api import ServerSettings
 from server.tokenizer import Tokenizer
 from tests.server.live import LiveServer, free_port, live_server
 from tests.server.sse import DONE, assert_error, iter_sse
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 MAX_MODEL_LEN = 512  # the tiny checkpoint's max_position_embeddings
 NUM_LAYERS, NUM_ROUTED_EXPERTS, TOP_K = 2, 3, 2  # tests/server/live.py's TINY_SERVE
 Sample = tuple[str, frozenset[tuple[str, str]]]

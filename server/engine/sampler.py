@@ -1,0 +1,139 @@
+"""The batched sampler: one token per row of logits [B, V] (B rows being sampled, V vocabulary size).
+
+Raw logprobs -> the logits processors (server/engine/logits_processors.py) -> greedy argmax, or an
+inverse-CDF draw (one uniform per row).
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from server.engine.logits_processors import apply_penalties, temperature_and_filters_, to_device
+from server.engine.sampler_state import SamplingState
+from server.engine.sampling_params import SamplingParams
+
+
+def _inverse_cdf_(logits: Tensor, u: Tensor) -> Tensor:
+    """Token ids [R], one drawn per row of softmax(logits) [R, V] with its uniform u [R] in [0, 1): the first
+    token whose cumulative probability exceeds u. One exp and one cumsum, in place over logits; no per-token
+    noise. The cumulative sum is left unnormalised (u is scaled by the row total instead)."""
+    cdf = logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_().cumsum_(dim=-1)  # [R, V]
+    total = cdf[:, -1:]
+    target = (u[:, None] * total).to(cdf.dtype)
+    # Strictly below the total, so the search stops at a token of non-zero probability.
+    target = torch.minimum(target, total.nextafter(torch.zeros_like(total)))
+    ids = torch.searchsorted(cdf, target, right=True)[:, 0]  # first index with cdf > target
+    return ids.clamp_(max=logits.shape[1] - 1)
+
+
+@dataclass
+class SamplerOutput:
+    """Per-row results; logprob entries are None for rows that did not ask for logprobs."""
+
+    token_ids: list[int]
+    logprobs: list[float | None] | None = None
+    top_logprobs: list[list[tuple[int, float]] | None] | None = None
+
+
+class Sampler:
+    """Batched sampler; unseeded rows share one generator per device, seeded from `seed`."""
+
+    def __init__(self, seed: int | None = None) -> None:
+        self.seed = seed
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def _default_generator(self, device: torch.device) -> torch.Generator:
+        if device not in self._generators:
+            g = torch.Generator(device=device)
+            if self.seed is None:
+                g.seed()
+            else:
+                g.manual_seed(self.seed)
+            self._generators[device] = g
+        return self._generators[device]
+
+    def __call__(
+        self, logits: Tensor, states: list[SamplingState], num_generated: list[int],
+        eos_token_id: int,
+    ) -> SamplerOutput:
+        """Same as sample()."""
+        return self.sample(logits, states, num_generated, eos_token_id)
+
+    def sample(
+        self, logits: Tensor, states: list[SamplingState], num_generated: list[int],
+        eos_token_id: int,
+    ) -> SamplerOutput:
+        """Pick one token per row of logits [B, V]; one host sync at the end."""
+        assert logits.dim() == 2 and logits.shape[0] == len(states), (
+            f"logits {tuple(logits.shape)} vs {len(states)} states")
+        dev = logits.device
+        params = [s.params for s in states]
+        lp_rows = [r for r, p in enumerate(params) if p.logprobs is not None]
+        raw_lp = None
+        if lp_rows:
+            # Reported logprobs come from the unmodified model distribution, as in vLLM.
+            raw_lp = logits[to_device(lp_rows, torch.long, dev)].float().log_softmax(dim=-1)
+
+        x = apply_penalties(logits, states, num_generated, eos_token_id)  # [B, V] float32
+        random_rows = [r for r, p in enumerate(params) if not p.greedy]
+        if not random_rows:
+            tokens = x.argmax(dim=-1)  # [B]
+        else:
+            # Greedy rows pay for an argmax only; the others for one draw each.
+            all_random = len(random_rows) == len(params)
+            rand_idx = None if all_random else to_device(random_rows, torch.long, dev)
+            xr = x if rand_idx is None else x[rand_idx]  # [R, V], ours to modify
+            temperature_and_filters_(xr, [params[r] for r in random_rows])
+            sampled = _inverse_cdf_(xr, self._draw_uniform(states, random_rows, dev))  # [R]
+            if rand_idx is None:
+                tokens = sampled
+            else:
+                greedy_idx = to_device([r for r, p in enumerate(params) if p.greedy], torch.long, dev)
+                tokens = torch.empty(len(params), dtype=torch.long, device=dev)
+                tokens[greedy_idx] = x[greedy_idx].argmax(dim=-1)
+                tokens[rand_idx] = sampled
+
+        out = SamplerOutput(token_ids=tokens.tolist())
+        if raw_lp is not None:
+            self._fill_logprobs(out, raw_lp, tokens, lp_rows, params)
+        return out
+
+    def _draw_uniform(self, states: list[SamplingState], random_rows: list[int], dev: torch.device) -> Tensor:
+        """One U[0, 1) draw [R] per sampled row: seeded rows from their own generator, the rest in one call.
+
+        A seeded row takes exactly one draw per step from its own stream, so its tokens do not depend on
+        what else is in the batch.
+        """
+        u = torch.empty(len(random_rows), dtype=torch.float64, device=dev)
+        seeded = [j for j, r in enumerate(random_rows) if states[r].generator is not None]
+        unseeded = [j for j, r in enumerate(random_rows) if states[r].generator is None]
+        if unseeded:
+            draws = torch.rand(len(unseeded), dtype=torch.float64, device=dev,
+                               generator=self._default_generator(dev))
+            if len(unseeded) == len(random_rows):
+                return draws
+            u[to_device(unseeded, torch.long, dev)] = draws
+        for j in seeded:
+            g = states[random_rows[j]].generator
+            assert g is not None
+            u[j] = torch.rand(1, dtype=torch.float64, device=g.device, generator=g).to(dev)[0]
+        return u
+
+    @staticmethod
+    def _fill_logprobs(
+        out: SamplerOutput, raw_lp: Tensor, tokens: Tensor, lp_rows: list[int],
+        params: list[SamplingParams],
+    ) -> None:
+        dev = raw_lp.device
+        chosen = raw_lp.gather(1, tokens[to_device(lp_rows, torch.long, dev)][:, None])  # [R, 1]
+        max_k = max(params[r].logprobs or 0 for r in lp_rows)
+        top_v, top_i = raw_lp.topk(max_k, dim=-1)  # [R, max_k], sorted descending
+        # tokens were already synced above, so these copies do not wait on the device.
+        chosen_l, top_v_l, top_i_l = chosen[:, 0].tolist(), top_v.tolist(), top_i.tolist()
+        out.logprobs = [None] * len(params)
+        out.top_logprobs = [None] * len(params)
+        for j, r in enumerate(lp_rows):
+            k = params[r].logprobs or 0
+            out.logprobs[r] = chosen_l[j]
+            out.top_logprobs[r] = list(zip(top_i_l[j][:k], top_v_l[j][:k], strict=True))

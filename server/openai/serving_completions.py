@@ -1,0 +1,105 @@
+"""POST /v1/completions: prompts (text or token ids) in, choices or SSE chunks out."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from server.openai.choice import ChoiceBuilder
+from server.openai.protocol import (
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    CompletionStreamResponse,
+    UsageInfo,
+)
+from server.openai.serving import APIError, OpenAIServing, Prompt, check_unicode, drain, sse, sse_response
+
+
+class OpenAIServingCompletion(OpenAIServing):
+    """The completions endpoint."""
+
+    def _completion_prompts(self, req: CompletionRequest) -> list[Prompt]:
+        prompts = []
+        for p in req.prompts:
+            if isinstance(p, str):
+                check_unicode(p, "prompt")
+                prompts.append(Prompt(self.tokenizer.encode(p), p))
+            else:
+                bad = next((t for t in p if t >= self.tokenizer.vocab_size), None)
+                if bad is not None:
+                    raise APIError(400, f"prompt token id {bad} is outside the vocabulary "
+                                        f"[0, {self.tokenizer.vocab_size})", param="prompt")
+                prompts.append(Prompt(p, self.tokenizer.decode(p, skip_special_tokens=False) if req.echo else ""))
+        for prompt in prompts:
+            if not prompt.token_ids:
+                raise APIError(400, "prompt encodes to no tokens", param="prompt")
+        return prompts
+
+    async def create_completion(self, req: CompletionRequest, request: Request) -> Response:
+        self.check_model(req.model)
+        if req.echo and req.logprobs is not None:
+            raise APIError(400, "echo together with logprobs (prompt logprobs) is not supported", param="echo")
+        prompts = self._completion_prompts(req)
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        model = self.limits.served_model_name
+        if req.max_tokens == 0:  # echo only: score nothing, return the prompt
+            choices = [CompletionChoice(index=i * req.n + j, text=p.text, finish_reason="length")
+                       for i, p in enumerate(prompts) for j in range(req.n)]
+            echo_usage = UsageInfo.of(sum(len(p.token_ids) for p in prompts), 0)
+            return JSONResponse(CompletionResponse(id=request_id, created=created, model=model, choices=choices,
+                                                   usage=echo_usage).model_dump())
+        params = self._sampling_params(req, req.max_tokens, req.logprobs)
+        streams = self._start(request_id, prompts, params)
+        builders = self._builders(prompts, params, req.echo)
+        num_prompt_tokens = sum(len(p.token_ids) for p in prompts)
+        outputs = self._outputs(request_id, streams, builders)
+
+        def logprobs_of(builder: ChoiceBuilder, start: int) -> CompletionLogprobs | None:
+            if req.logprobs is None:
+                return None
+            entries = builder.logprobs[start:]
+            text = self.tokenizer.token_text
+            return CompletionLogprobs(
+                tokens=[text(e.token_id) for e in entries], token_logprobs=[e.logprob for e in entries],
+                top_logprobs=[{text(t): lp for t, lp in e.top} for e in entries],
+                text_offset=[e.text_offset for e in entries])
+
+        def usage() -> UsageInfo:
+            return UsageInfo.of(num_prompt_tokens, sum(b.num_tokens for b in builders))
+
+        if not req.stream:
+            async def body() -> Response:
+                await drain(outputs, builders)
+                choices = [CompletionChoice(
+                    index=b.index, text=(prompts[b.index // req.n].text if req.echo else "") + b.text,
+                    logprobs=logprobs_of(b, 0), finish_reason=b.finish_reason, stop_reason=b.stop_reason)
+                    for b in builders]
+                return JSONResponse(CompletionResponse(id=request_id, created=created, model=model,
+                                                       choices=choices, usage=usage()).model_dump())
+            return await self._respond(request, body)
+
+        continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
+
+        def chunk(choice: CompletionChoice) -> str:
+            return sse(CompletionStreamResponse(id=request_id, created=created, model=model, choices=[choice],
+                                                 usage=usage() if continuous else None))
+
+        def delta(builder: ChoiceBuilder, text: str, logprobs_from: int) -> str:
+            lp = logprobs_of(builder, logprobs_from)
+            return chunk(CompletionChoice(index=builder.index, text=text, logprobs=lp,
+                                          finish_reason=builder.finish_reason, stop_reason=builder.stop_reason))
+
+        opening = [chunk(CompletionChoice(index=b.index, text=prompts[b.index // req.n].text))
+                   for b in builders] if req.echo else []
+        closing = None
+        if req.stream_options and req.stream_options.include_usage:
+            def closing() -> str:
+                return sse(CompletionStreamResponse(id=request_id, created=created, model=model, choices=[],
+                                                     usage=usage()))
+        return sse_response(outputs, builders, opening, delta, closing)
