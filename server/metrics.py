@@ -17,6 +17,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.metrics_core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from server.metrics_vllm import VllmAliasCollector
+
 FINISH_REASONS = ("stop", "length", "abort", "error")
 
 # Bucket edges in seconds. TTFT spans a cached short prompt on a GPU (ms) to a long CPU prefill
@@ -133,6 +135,13 @@ class ServerMetrics:
 
         self._expert_load = _ExpertLoadCollector()
         r.register(self._expert_load)
+        # vllm:* names of the same values, for routers and autoscalers that speak vLLM's metrics.
+        self.vllm_aliases = VllmAliasCollector(
+            (self.num_requests_running, self.num_requests_waiting, self.kv_cache_usage_ratio, self.prompt_tokens,
+             self.generation_tokens, self.request_success, self.num_preemptions, self.prefix_cache_queries,
+             self.prefix_cache_hits, self.time_to_first_token, self.inter_token_latency, self.e2e_request_latency,
+             self.request_queue_time))
+        r.register(self.vllm_aliases)
         self._info_labels: tuple[str, str, str, str] | None = None
 
     # --- set once at start-up -------------------------------------------------------------------
@@ -148,6 +157,15 @@ class ServerMetrics:
     def set_kv_cache_info(self, bytes_per_token: int, capacity_tokens: int) -> None:
         self.kv_cache_bytes_per_token.set(bytes_per_token)
         self.kv_cache_capacity_tokens.set(capacity_tokens)
+
+    def set_cache_config(self, block_size: int, num_blocks: int, enable_prefix_caching: bool,
+                         cache_dtype: str) -> None:
+        """vllm:cache_config_info's labels (a router sizes its prefix index by block_size)."""
+        self.vllm_aliases.set_cache_config(block_size, num_blocks, enable_prefix_caching, cache_dtype)
+
+    def set_served_model_name(self, name: str) -> None:
+        """The model_name label of the vllm:* aliases."""
+        self.vllm_aliases.set_model_name(name)
 
     # --- engine thread --------------------------------------------------------------------------
 

@@ -115,6 +115,8 @@ def build_engine(model_path: str | None, *, dtype: str = "auto", device: str = "
                 per_token * num_blocks * block_size / 2**30)
     if metrics is not None:
         metrics.set_kv_cache_info(per_token, num_blocks * block_size)
+        metrics.set_cache_config(block_size, num_blocks, enable_prefix_caching,
+                                 str(torch_dtype).removeprefix("torch."))
         metrics.set_info(model_path or "random-seed-weights", str(torch_dtype).removeprefix("torch."),
                          str(torch_device))
     runner = ModelRunner(model, cache, Sampler(seed=seed), eos_token_id)

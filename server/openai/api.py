@@ -33,13 +33,14 @@ from server.openai.protocol import (
 from server.openai.serving import APIError, ServingLimits, check_unicode
 from server.openai.serving_chat import OpenAIServingChat
 from server.openai.serving_completions import OpenAIServingCompletion
+from server.openai.serving_render import OpenAIServingRender
 from server.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
-ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/tokenize", "/detokenize", "/health",
-          "/version", "/metrics")
+ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/completions/render", "/v1/chat/completions/render",
+          "/v1/models", "/tokenize", "/detokenize", "/health", "/get_load", "/version", "/metrics")
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -161,6 +162,8 @@ def create_app(engine: Engine, tokenizer: Tokenizer, settings: ServerSettings, m
     limits = ServingLimits(settings.served_model_name, engine.config.max_model_len, settings.max_queued_requests)
     serving = OpenAIServingCompletion(engine, tokenizer, limits)
     serving_chat = OpenAIServingChat(engine, tokenizer, limits)
+    serving_render = OpenAIServingRender(serving, serving_chat)
+    metrics.set_served_model_name(settings.served_model_name)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -208,6 +211,15 @@ def create_app(engine: Engine, tokenizer: Tokenizer, settings: ServerSettings, m
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return unavailable() or await serving_chat.create_chat_completion(body, request)
 
+    # Tokenizer-only, so they answer while draining too: a router may render before it sees the 503 of /health.
+    @app.post("/v1/completions/render")
+    async def render_completion(body: CompletionRequest) -> JSONResponse:
+        return JSONResponse(serving_render.render_completion(body))
+
+    @app.post("/v1/chat/completions/render")
+    async def render_chat_completion(body: ChatCompletionRequest) -> JSONResponse:
+        return JSONResponse(serving_render.render_chat(body))
+
     @app.get("/v1/models")
     async def models() -> ModelList:
         return ModelList(data=[ModelCard(id=settings.served_model_name, max_model_len=limits.max_model_len)])
@@ -238,6 +250,13 @@ def create_app(engine: Engine, tokenizer: Tokenizer, settings: ServerSettings, m
     @app.get("/health")
     async def health() -> Response:
         return unavailable() or Response(status_code=200)
+
+    @app.get("/get_load")
+    async def get_load() -> dict[str, int]:
+        # vllm-router's power_of_two policy polls this and reads "load"; the split is for people.
+        running = engine.scheduler.num_running
+        unfinished = engine.num_unfinished
+        return {"load": unfinished, "num_reqs": running, "num_waiting_reqs": max(unfinished - running, 0)}
 
     @app.get("/version")
     async def version() -> dict[str, str]:

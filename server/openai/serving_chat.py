@@ -8,6 +8,7 @@ import uuid
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
+from server.engine.sampling_params import SamplingParams
 from server.openai.choice import ChoiceBuilder
 from server.openai.protocol import (
     ChatChoiceLogprobs,
@@ -29,7 +30,8 @@ from server.openai.serving import APIError, OpenAIServing, Prompt, check_unicode
 class OpenAIServingChat(OpenAIServing):
     """The chat completions endpoint."""
 
-    async def create_chat_completion(self, req: ChatCompletionRequest, request: Request) -> Response:
+    def chat_prompt(self, req: ChatCompletionRequest) -> tuple[Prompt, SamplingParams]:
+        """The rendered messages and the sampling parameters of a chat request (also what /render returns)."""
         self.check_model(req.model)
         messages = chat_template_input(req.messages)
         for i, message in enumerate(messages):
@@ -38,7 +40,6 @@ class OpenAIServingChat(OpenAIServing):
             token_ids = self.tokenizer.encode_chat(messages)
         except (TypeError, ValueError) as exc:
             raise APIError(400, f"cannot render messages: {exc}", param="messages") from exc
-        prompt = Prompt(token_ids, "")
         max_tokens = req.max_tokens_limit
         if max_tokens is None:
             max_tokens = self.limits.max_model_len - len(token_ids)
@@ -46,7 +47,11 @@ class OpenAIServingChat(OpenAIServing):
                 raise APIError(400, f"this model's maximum context length is {self.limits.max_model_len} tokens, "
                                     f"but the messages take {len(token_ids)} tokens", param="messages")
         top = (req.top_logprobs or 0) if req.logprobs else None
-        params = self._sampling_params(req, max_tokens, top, self.tokenizer.chat_stop_token_ids)
+        return Prompt(token_ids, ""), self._sampling_params(req, max_tokens, top, self.tokenizer.chat_stop_token_ids)
+
+    async def create_chat_completion(self, req: ChatCompletionRequest, request: Request) -> Response:
+        prompt, params = self.chat_prompt(req)
+        token_ids = prompt.token_ids
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         model = self.limits.served_model_name

@@ -23,7 +23,7 @@ from server.openai.serving import APIError, OpenAIServing, Prompt, check_unicode
 class OpenAIServingCompletion(OpenAIServing):
     """The completions endpoint."""
 
-    def _completion_prompts(self, req: CompletionRequest) -> list[Prompt]:
+    def completion_prompts(self, req: CompletionRequest) -> list[Prompt]:
         prompts = []
         for p in req.prompts:
             if isinstance(p, str):
@@ -44,7 +44,7 @@ class OpenAIServingCompletion(OpenAIServing):
         self.check_model(req.model)
         if req.echo and req.logprobs is not None:
             raise APIError(400, "echo together with logprobs (prompt logprobs) is not supported", param="echo")
-        prompts = self._completion_prompts(req)
+        prompts = self.completion_prompts(req)
         request_id = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         model = self.limits.served_model_name

@@ -231,7 +231,8 @@ def test_metrics_parse_and_every_metric_is_present(server: LiveServer, http: htt
     names = {s.name for f in families for s in f.samples}
     missing = [n for n in REQUIRED_SAMPLES if n not in names]
     assert not missing, missing
-    assert all(f.name.startswith("customllm_") for f in families), [f.name for f in families]
+    # Our own names, and vLLM's names of the same values (server/metrics_vllm.py) for routers and autoscalers.
+    assert all(f.name.startswith(("customllm_", "vllm:")) for f in families), [f.name for f in families]
     snapshot = samples(server)
     for reason in ("stop", "length", "abort", "error"):
         assert ("customllm_request_success_total", frozenset({("finish_reason", reason)})) in snapshot
