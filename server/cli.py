@@ -8,11 +8,11 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
-from types import FrameType
 
 import uvicorn
 
 from model import CheckpointError
+from server.drain import DrainingServer
 from server.metrics import ServerMetrics
 from server.openai.api import ServerSettings, create_app
 from server.startup import build_engine
@@ -31,6 +31,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or value == float("inf"):  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
     return value
 
 
@@ -71,8 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max-queued-requests", type=_positive_int, default=1024,
         help="waiting requests beyond this get 503 with Retry-After")
     add("--max-request-bytes", type=_positive_int, default=1 << 20, help="largest accepted request body")
-    add("--shutdown-timeout", type=float, default=30.0,
-        help="on SIGTERM, seconds to let in-flight requests finish")
+    add("--shutdown-timeout", type=_non_negative_float, default=30.0,
+        help="on SIGTERM, seconds to let in-flight requests finish (new work gets 503 meanwhile); then the rest "
+             "end with finish_reason 'abort'")
     add("--cors-allow-origins", default="", help="comma-separated origins allowed by CORS (default: CORS off)")
     add("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     # Defaults come from the environment, so `--help` shows the effective values.
@@ -88,19 +96,6 @@ def build_parser() -> argparse.ArgumentParser:
             if action.choices is not None and action.default not in action.choices:
                 parser.error(f"{_env_name(action.option_strings[0])}={env!r}: choose from {list(action.choices)}")
     return parser
-
-
-class _DrainingServer(uvicorn.Server):
-    """On SIGTERM/SIGINT: mark the app as draining (503 for new work) and let uvicorn's graceful shutdown run."""
-
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        app = self.config.loaded_app if self.config.loaded else None
-        state_app = getattr(app, "app", app)  # uvicorn may wrap the app in a proxy middleware
-        while state_app is not None and not hasattr(state_app, "state"):
-            state_app = getattr(state_app, "app", None)
-        if state_app is not None:
-            state_app.state.draining = True
-        super().handle_exit(sig, frame)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -128,8 +123,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_queued_requests=args.max_queued_requests, max_request_bytes=args.max_request_bytes,
         cors_allow_origins=tuple(o.strip() for o in args.cors_allow_origins.split(",") if o.strip()))
     app = create_app(engine, tokenizer, settings, metrics)
+    # The drain (server/drain.py) waits for in-flight requests before uvicorn's shutdown starts, so uvicorn's own
+    # timeout only covers what is left then (nothing, unless a client stopped reading).
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            timeout_graceful_shutdown=args.shutdown_timeout)
+                            timeout_graceful_shutdown=5)
     logger.info("serving %s on http://%s:%d", args.served_model_name, args.host, args.port)
     # uvicorn re-raises the signal that stopped it once it has shut down, so a drained, successful shutdown would
     # end as death by SIGTERM (status -15/143) or a KeyboardInterrupt traceback. It restores the handlers it found
@@ -137,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # uvicorn's own handlers are installed and drain as usual.
     previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        _DrainingServer(config).run()
+        DrainingServer(config, app.state.drain, engine.abort_all, args.shutdown_timeout).run()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -124,7 +124,7 @@ class Engine:
         self._lock = threading.Lock()
         self._wakeup = threading.Event()
         self._inbox: list[Sequence] = []
-        self._aborts: list[tuple[str, int | None, str]] = []
+        self._aborts: list[tuple[str | None, int | None, str]] = []  # request id None: every request
         self._stopping = False
         self._closed = False  # set under _lock once the thread takes no more requests (stopped or died)
         self._thread: threading.Thread | None = None
@@ -202,6 +202,12 @@ class Engine:
             self._aborts.append((request_id, index, reason))
         self._wakeup.set()
 
+    def abort_all(self, reason: str = "abort") -> None:
+        """End every unfinished request at the next step boundary (the drain's timeout)."""
+        with self._lock:
+            self._aborts.append((None, None, reason))
+        self._wakeup.set()
+
     # -- the engine thread ---------------------------------------------------------------------
 
     def _run(self) -> None:
@@ -230,9 +236,10 @@ class Engine:
         for request_id, index, reason in aborts:
             self._abort_now(request_id, index, reason)
 
-    def _abort_now(self, request_id: str, index: int | None, reason: str) -> None:
+    def _abort_now(self, request_id: str | None, index: int | None, reason: str) -> None:
         seqs = [s for s in itertools.chain(self.scheduler.waiting, self.scheduler.running)
-                if s.request_id == request_id and (index is None or s.data.index == index)]  # type: ignore[attr-defined]
+                if request_id is None
+                or (s.request_id == request_id and (index is None or s.data.index == index))]  # type: ignore[attr-defined]
         for seq in seqs:
             if seq.status is SequenceStatus.RUNNING:
                 self.scheduler.finish(seq)

@@ -15,6 +15,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from server.drain import Drain
 from server.engine.engine import Engine
 from server.metrics import ServerMetrics
 from server.openai.protocol import (
@@ -73,10 +74,11 @@ class GuardMiddleware:
     """
 
     def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]], settings: ServerSettings,
-                 metrics: ServerMetrics) -> None:
+                 metrics: ServerMetrics, drain: Drain) -> None:
         self.app = app
         self.settings = settings
         self.metrics = metrics
+        self.drain = drain
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -92,9 +94,11 @@ class GuardMiddleware:
                 status = message["status"]
             await send(message)
 
+        self.drain.in_flight += 1  # the event loop's thread only: no lock needed
         try:
             await self._guarded(scope, receive, send_counted, path)
         finally:
+            self.drain.in_flight -= 1
             self.metrics.observe_http(route, status)
 
     async def _guarded(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
@@ -175,13 +179,15 @@ def create_app(engine: Engine, tokenizer: Tokenizer, settings: ServerSettings, m
             engine.shutdown()
 
     app = FastAPI(title="CustomLLM Server", version=VERSION, lifespan=lifespan)
-    app.state.draining = False
+    drain = Drain()
+    app.state.drain = drain  # server/drain.py's DrainingServer starts it on SIGTERM
     app.state.engine = engine
 
     def unavailable() -> JSONResponse | None:
-        if app.state.draining:
+        if drain.draining:
+            # Connection: close, so a client's pool drops its kept-alive connections to this draining server.
             return error_response(503, "the server is shutting down", "ServiceUnavailableError",
-                                  headers={"Retry-After": "5"})
+                                  headers={"Retry-After": "5", "Connection": "close"})
         if not engine.is_alive:
             return error_response(503, f"the engine is not running: {engine.dead_reason or 'stopped'}",
                                   "ServiceUnavailableError")
@@ -270,7 +276,7 @@ def create_app(engine: Engine, tokenizer: Tokenizer, settings: ServerSettings, m
     if settings.cors_allow_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_allow_origins),
                            allow_methods=["GET", "POST"], allow_headers=["*"])
-    app.add_middleware(GuardMiddleware, settings=settings, metrics=metrics)
+    app.add_middleware(GuardMiddleware, settings=settings, metrics=metrics, drain=drain)
     return app
 
 
