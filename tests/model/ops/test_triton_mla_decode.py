@@ -1,0 +1,97 @@
+"""The Triton MLA decode kernel against a plain torch loop, on CPU under TRITON_INTERPRET=1 (or on CUDA)."""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are decorated, so before the import
+triton = pytest.importorskip("triton")
+
+from model.ops.triton.mla_decode import mla_decode, num_splits_for  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def reference(q_entry: torch.Tensor, cache: torch.Tensor, tables: list[list[int]], lens: list[int], scale: float,
+              latent: int) -> torch.Tensor:
+    """Per sequence: gather its context entries by slot, float32 softmax, mix the latents."""
+    flat = cache.view(-1, cache.shape[-1]).float()
+    bs = cache.shape[1]
+    outs = []
+    for i, (table, n) in enumerate(zip(tables, lens, strict=True)):
+        slots = torch.tensor([table[p // bs] * bs + p % bs for p in range(n)], device=cache.device)
+        ctx = flat[slots]  # [n, F]
+        probs = torch.softmax(q_entry[i].float() @ ctx.T * scale, dim=-1)  # [H, n]
+        outs.append(probs @ ctx[:, :latent])  # [H, L]
+    return torch.stack(outs)
+
+
+def make_case(seed: int, lens: list[int], heads: int, latent: int, rope: int, bs: int, num_blocks: int,
+              dtype: torch.dtype, table_width: int | None = None):
+    g = torch.Generator().manual_seed(seed)
+    f = latent + heads * rope
+    cache = torch.randn(num_blocks, bs, f, generator=g).to(dtype)
+    # Blocks handed out shuffled, so a sequence's blocks are neither contiguous nor in order.
+    perm = torch.randperm(num_blocks, generator=g).tolist()
+    tables = []
+    for n in lens:
+        need = -(-n // bs)
+        tables.append([perm.pop() for _ in range(need)])
+    width = table_width or max(len(t) for t in tables)
+    padded = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+    # The absorbed query layout: latent part dense, rope part only at each head's own R columns.
+    q = torch.zeros(len(lens), heads, f)
+    q[:, :, :latent] = torch.randn(len(lens), heads, latent, generator=g)
+    for h in range(heads):
+        q[:, h, latent + h * rope:latent + (h + 1) * rope] = torch.randn(len(lens), rope, generator=g)
+    return q.to(dtype), cache, tables, padded
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_matches_reference_ragged_lengths_across_block_boundaries(dtype: torch.dtype, tol: float) -> None:
+    lens = [1, 15, 16, 17, 40, 70]  # block size 16: inside, at and past block boundaries
+    q, cache, tables, padded = make_case(0, lens, heads=3, latent=16, rope=4, bs=16, num_blocks=24, dtype=dtype)
+    scale = 0.125
+    got = mla_decode(q.to(DEVICE), cache.to(DEVICE), padded.to(DEVICE),
+                     torch.tensor(lens, dtype=torch.int32, device=DEVICE), scale, latent_dim=16)
+    want = reference(q, cache, tables, lens, scale, 16)
+    assert got.shape == (len(lens), 3, 16) and got.dtype == dtype
+    torch.testing.assert_close(got.float().cpu(), want, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 5])
+def test_splits_merge_to_the_same_result(num_splits: int) -> None:
+    """Splits beyond a short sequence's context are empty and must not disturb the merge."""
+    lens = [3, 33, 90]
+    q, cache, tables, padded = make_case(1, lens, heads=2, latent=8, rope=8, bs=8, num_blocks=20,
+                                         dtype=torch.float32, table_width=12)
+    got = mla_decode(q.to(DEVICE), cache.to(DEVICE), padded.to(DEVICE),
+                     torch.tensor(lens, dtype=torch.int64, device=DEVICE), 0.3, latent_dim=8,
+                     num_splits=num_splits)
+    torch.testing.assert_close(got.cpu(), reference(q, cache, tables, lens, 0.3, 8), atol=1e-5, rtol=1e-5)
+
+
+def test_reads_nothing_past_the_context() -> None:
+    """Entries after each context (same block or table padding) are poisoned with NaN; the result stays exact."""
+    lens = [5, 20]
+    q, cache, tables, padded = make_case(2, lens, heads=2, latent=8, rope=4, bs=8, num_blocks=10,
+                                         dtype=torch.float32, table_width=6)
+    poisoned = torch.full_like(cache, float("nan"))
+    flat, src = poisoned.view(-1, cache.shape[-1]), cache.view(-1, cache.shape[-1])
+    for table, n in zip(tables, lens, strict=True):
+        for p in range(n):
+            slot = table[p // 8] * 8 + p % 8
+            flat[slot] = src[slot]
+    got = mla_decode(q.to(DEVICE), poisoned.to(DEVICE), padded.to(DEVICE),
+                     torch.tensor(lens, dtype=torch.int32, device=DEVICE), 0.5, latent_dim=8)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.cpu(), reference(q, cache, tables, lens, 0.5, 8), atol=1e-5, rtol=1e-5)
+
+
+def test_num_splits_fills_the_gpu_without_tiny_splits() -> None:
+    assert num_splits_for(1, 2048) == 64  # 2048 / 32-token iterations
+    assert num_splits_for(256, 2048) == 2
+    assert num_splits_for(512, 2048) == 1
+    assert num_splits_for(4, 40) == 2  # never a split shorter than one iteration
