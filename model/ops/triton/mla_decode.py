@@ -7,7 +7,7 @@ The absorbed decode (model/attention.py) is multi-query attention: every head's 
 the same cached entry [c_kv (L) | k_rope of all heads (HR)], and the latent c_kv is the value. So one program per
 (sequence, context split) loads each cached row once and scores it for all heads in one small GEMM:
   scores [H, n] = q_lat [H, L] @ c^T + q_rope [H, HR] @ k_rope^T
-where q_rope is zero outside head h's own R columns (the query layout the torch path builds), then keeps an online
+where head h's q_rope is placed at its own R columns (zero elsewhere, built in registers), then keeps an online
 softmax and accumulates probs @ c -> [H, L]. Stage 2 merges the splits by their log-sum-exp.
 
 Graph-safe: the number of splits and the loop bounds come from static shapes and on-device context lengths; no
@@ -27,10 +27,11 @@ _TARGET_PROGRAMS = 264  # about two programs per SM on an H200 (132 SMs), so sho
 
 
 @triton.jit
-def _split_kernel(q_ptr, cache_ptr, tables_ptr, lens_ptr, part_ptr, lse_ptr,
-                  stride_qb, stride_qh, stride_cs, stride_tb, stride_pb, stride_ps, stride_ph, stride_lb, stride_ls,
+def _split_kernel(q_lat_ptr, q_rope_ptr, cache_ptr, tables_ptr, lens_ptr, part_ptr, lse_ptr,
+                  stride_qlb, stride_qlh, stride_qrb, stride_qrh, stride_cs, stride_tb,
+                  stride_pb, stride_ps, stride_ph, stride_lb, stride_ls,
                   scale,
-                  H: tl.constexpr, L: tl.constexpr, HR: tl.constexpr, PAGE: tl.constexpr, SPLIT_LEN: tl.constexpr,
+                  H: tl.constexpr, L: tl.constexpr, R: tl.constexpr, PAGE: tl.constexpr, SPLIT_LEN: tl.constexpr,
                   BLOCK_H: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
                   PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     b = tl.program_id(0)
@@ -44,10 +45,13 @@ def _split_kernel(q_ptr, cache_ptr, tables_ptr, lens_ptr, part_ptr, lse_ptr,
     offs_r = tl.arange(0, BLOCK_R)
     mask_h = offs_h < H
     mask_l = offs_l < L
-    mask_r = offs_r < HR
-    q_row = q_ptr + b * stride_qb + offs_h[:, None] * stride_qh
-    q_lat = tl.load(q_row + offs_l[None, :], mask=mask_h[:, None] & mask_l[None, :], other=0.0)  # [BH, BL]
-    q_rope = tl.load(q_row + L + offs_r[None, :], mask=mask_h[:, None] & mask_r[None, :], other=0.0)  # [BH, BR]
+    mask_r = offs_r < H * R
+    q_lat = tl.load(q_lat_ptr + b * stride_qlb + offs_h[:, None] * stride_qlh + offs_l[None, :],
+                    mask=mask_h[:, None] & mask_l[None, :], other=0.0)  # [BH, BL]
+    # Head h's rope query spread over all heads' rope columns, zero outside its own R: [BH, BR].
+    col = offs_r[None, :] - offs_h[:, None] * R
+    q_rope = tl.load(q_rope_ptr + b * stride_qrb + offs_h[:, None] * stride_qrh + col,
+                     mask=mask_h[:, None] & (col >= 0) & (col < R), other=0.0)
 
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
@@ -113,43 +117,45 @@ def num_splits_for(num_seqs: int, max_context: int) -> int:
     return max(1, min(by_work, -(-max_context // _BLOCK_N)))
 
 
-def mla_decode(q_entry: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
-               scale: float, latent_dim: int, num_splits: int | None = None) -> torch.Tensor:
-    """Mixed latents [B, H, L] = softmax(scale * q_entry . entries) @ c_kv over each sequence's context.
+def mla_decode(q_lat: torch.Tensor, q_rope: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
+               context_lens: torch.Tensor, scale: float, num_splits: int | None = None) -> torch.Tensor:
+    """Mixed latents [B, H, L] = sum_s softmax_s(scale * (q_lat . c_s + q_rope . k_rope_s)) c_s per head.
 
-    q_entry [B, H, F] (the absorbed query, rope half at each head's own columns); cache [num_blocks, bs, F];
+    q_lat [B, H, L] and q_rope [B, H, R] (last dims contiguous); cache [num_blocks, bs, L + H*R] contiguous;
     block_tables [B, MB] int32/int64; context_lens [B] int32/int64, each >= 1.
     """
-    b, h, f = q_entry.shape
+    b, h, latent = q_lat.shape
+    r = q_rope.shape[-1]
+    f = latent + h * r
+    assert q_rope.shape == (b, h, r), f"q_rope {tuple(q_rope.shape)} for q_lat {tuple(q_lat.shape)}"
     assert cache.dim() == 3 and cache.shape[2] == f, f"cache {tuple(cache.shape)} does not hold entries of {f}"
     assert block_tables.shape[0] == b and context_lens.shape == (b,), (
         f"block_tables {tuple(block_tables.shape)} / context_lens {tuple(context_lens.shape)} for {b} sequences")
-    assert q_entry.stride(-1) == 1 and cache.is_contiguous(), "q_entry rows and the cache must be contiguous"
+    assert q_lat.stride(-1) == 1 and q_rope.stride(-1) == 1 and cache.is_contiguous(), "rows must be contiguous"
     page = cache.shape[1]
-    hr = f - latent_dim
     max_context = block_tables.shape[1] * page
     splits = num_splits or num_splits_for(b, max_context)
     split_len = -(-max_context // splits)
     split_len = -(-split_len // _BLOCK_N) * _BLOCK_N
-    part = torch.empty(b, splits, h, latent_dim, dtype=torch.float32, device=q_entry.device)
-    lse = torch.empty(b, splits, h, dtype=torch.float32, device=q_entry.device)
-    out = torch.empty(b, h, latent_dim, dtype=q_entry.dtype, device=q_entry.device)
+    part = torch.empty(b, splits, h, latent, dtype=torch.float32, device=q_lat.device)
+    lse = torch.empty(b, splits, h, dtype=torch.float32, device=q_lat.device)
+    out = torch.empty(b, h, latent, dtype=q_lat.dtype, device=q_lat.device)
     flat = cache.view(-1, f)
-    precision = "ieee" if q_entry.dtype == torch.float32 else "tf32"  # fp32 stays exact-ish; bf16 ignores it
+    precision = "ieee" if q_lat.dtype == torch.float32 else "tf32"  # fp32 stays exact-ish; bf16 ignores it
     # NOTE: Triton's interpreter (3.9) multiplies bf16 tiles wrongly in tl.dot (values off by 1e10), so under
     # TRITON_INTERPRET=1 the tiles go to float32 first: the same products (bf16 values are exact in fp32) and the
     # same float32 accumulation as the tensor-core dot, so the CPU test still checks the GPU kernel's math.
-    upcast = os.environ.get("TRITON_INTERPRET") == "1" and q_entry.dtype != torch.float32
+    upcast = os.environ.get("TRITON_INTERPRET") == "1" and q_lat.dtype != torch.float32
     _split_kernel[(b, splits)](
-        q_entry, flat, block_tables, context_lens, part, lse,
-        q_entry.stride(0), q_entry.stride(1), flat.stride(0), block_tables.stride(0),
+        q_lat, q_rope, flat, block_tables, context_lens, part, lse,
+        q_lat.stride(0), q_lat.stride(1), q_rope.stride(0), q_rope.stride(1), flat.stride(0), block_tables.stride(0),
         part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
         scale,
-        H=h, L=latent_dim, HR=hr, PAGE=page, SPLIT_LEN=split_len,
-        BLOCK_H=_pow2(h), BLOCK_L=_pow2(latent_dim), BLOCK_R=_pow2(hr), BLOCK_N=_BLOCK_N, PRECISION=precision,
+        H=h, L=latent, R=r, PAGE=page, SPLIT_LEN=split_len,
+        BLOCK_H=_pow2(h), BLOCK_L=_pow2(latent), BLOCK_R=_pow2(h * r), BLOCK_N=_BLOCK_N, PRECISION=precision,
         UPCAST=upcast)
     _reduce_kernel[(b, h)](
         part, lse, out, part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
         out.stride(0), out.stride(1),
-        L=latent_dim, NUM_SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits), BLOCK_L=_pow2(latent_dim))
+        L=latent, NUM_SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits), BLOCK_L=_pow2(latent))
     return out

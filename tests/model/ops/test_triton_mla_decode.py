@@ -14,17 +14,18 @@ from model.ops.triton.mla_decode import mla_decode, num_splits_for  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def reference(q_entry: torch.Tensor, cache: torch.Tensor, tables: list[list[int]], lens: list[int], scale: float,
-              latent: int) -> torch.Tensor:
-    """Per sequence: gather its context entries by slot, float32 softmax, mix the latents."""
+def reference(q_lat: torch.Tensor, q_rope: torch.Tensor, cache: torch.Tensor, tables: list[list[int]],
+              lens: list[int], scale: float) -> torch.Tensor:
+    """Per sequence and head: gather its context entries by slot, score c and its own k_rope, float32 softmax."""
+    latent, (heads, rope) = q_lat.shape[-1], q_rope.shape[1:]
     flat = cache.view(-1, cache.shape[-1]).float()
     bs = cache.shape[1]
     outs = []
     for i, (table, n) in enumerate(zip(tables, lens, strict=True)):
         slots = torch.tensor([table[p // bs] * bs + p % bs for p in range(n)], device=cache.device)
-        ctx = flat[slots]  # [n, F]
-        probs = torch.softmax(q_entry[i].float() @ ctx.T * scale, dim=-1)  # [H, n]
-        outs.append(probs @ ctx[:, :latent])  # [H, L]
+        c, k_rope = flat[slots, :latent], flat[slots, latent:].view(n, heads, rope)  # [n, L], [n, H, R]
+        scores = q_lat[i].float() @ c.T + torch.einsum("hr,nhr->hn", q_rope[i].float(), k_rope)  # [H, n]
+        outs.append(torch.softmax(scores * scale, dim=-1) @ c)  # [H, L]
     return torch.stack(outs)
 
 
@@ -41,22 +42,19 @@ def make_case(seed: int, lens: list[int], heads: int, latent: int, rope: int, bs
         tables.append([perm.pop() for _ in range(need)])
     width = table_width or max(len(t) for t in tables)
     padded = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
-    # The absorbed query layout: latent part dense, rope part only at each head's own R columns.
-    q = torch.zeros(len(lens), heads, f)
-    q[:, :, :latent] = torch.randn(len(lens), heads, latent, generator=g)
-    for h in range(heads):
-        q[:, h, latent + h * rope:latent + (h + 1) * rope] = torch.randn(len(lens), rope, generator=g)
-    return q.to(dtype), cache, tables, padded
+    q_lat = torch.randn(len(lens), heads, latent, generator=g).to(dtype)
+    q_rope = torch.randn(len(lens), heads, rope, generator=g).to(dtype)
+    return q_lat, q_rope, cache, tables, padded
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 def test_matches_reference_ragged_lengths_across_block_boundaries(dtype: torch.dtype, tol: float) -> None:
     lens = [1, 15, 16, 17, 40, 70]  # block size 16: inside, at and past block boundaries
-    q, cache, tables, padded = make_case(0, lens, heads=3, latent=16, rope=4, bs=16, num_blocks=24, dtype=dtype)
-    scale = 0.125
-    got = mla_decode(q.to(DEVICE), cache.to(DEVICE), padded.to(DEVICE),
-                     torch.tensor(lens, dtype=torch.int32, device=DEVICE), scale, latent_dim=16)
-    want = reference(q, cache, tables, lens, scale, 16)
+    q_lat, q_rope, cache, tables, padded = make_case(0, lens, heads=3, latent=16, rope=4, bs=16, num_blocks=24,
+                                                     dtype=dtype)
+    got = mla_decode(q_lat.to(DEVICE), q_rope.to(DEVICE), cache.to(DEVICE), padded.to(DEVICE),
+                     torch.tensor(lens, dtype=torch.int32, device=DEVICE), 0.125)
+    want = reference(q_lat, q_rope, cache, tables, lens, 0.125)
     assert got.shape == (len(lens), 3, 16) and got.dtype == dtype
     torch.testing.assert_close(got.float().cpu(), want, atol=tol, rtol=tol)
 
@@ -65,29 +63,29 @@ def test_matches_reference_ragged_lengths_across_block_boundaries(dtype: torch.d
 def test_splits_merge_to_the_same_result(num_splits: int) -> None:
     """Splits beyond a short sequence's context are empty and must not disturb the merge."""
     lens = [3, 33, 90]
-    q, cache, tables, padded = make_case(1, lens, heads=2, latent=8, rope=8, bs=8, num_blocks=20,
-                                         dtype=torch.float32, table_width=12)
-    got = mla_decode(q.to(DEVICE), cache.to(DEVICE), padded.to(DEVICE),
-                     torch.tensor(lens, dtype=torch.int64, device=DEVICE), 0.3, latent_dim=8,
-                     num_splits=num_splits)
-    torch.testing.assert_close(got.cpu(), reference(q, cache, tables, lens, 0.3, 8), atol=1e-5, rtol=1e-5)
+    q_lat, q_rope, cache, tables, padded = make_case(1, lens, heads=2, latent=8, rope=8, bs=8, num_blocks=20,
+                                                     dtype=torch.float32, table_width=12)
+    got = mla_decode(q_lat.to(DEVICE), q_rope.to(DEVICE), cache.to(DEVICE), padded.to(DEVICE),
+                     torch.tensor(lens, dtype=torch.int64, device=DEVICE), 0.3, num_splits=num_splits)
+    want = reference(q_lat, q_rope, cache, tables, lens, 0.3)
+    torch.testing.assert_close(got.cpu(), want, atol=1e-5, rtol=1e-5)
 
 
 def test_reads_nothing_past_the_context() -> None:
     """Entries after each context (same block or table padding) are poisoned with NaN; the result stays exact."""
     lens = [5, 20]
-    q, cache, tables, padded = make_case(2, lens, heads=2, latent=8, rope=4, bs=8, num_blocks=10,
-                                         dtype=torch.float32, table_width=6)
+    q_lat, q_rope, cache, tables, padded = make_case(2, lens, heads=2, latent=8, rope=4, bs=8, num_blocks=10,
+                                                     dtype=torch.float32, table_width=6)
     poisoned = torch.full_like(cache, float("nan"))
     flat, src = poisoned.view(-1, cache.shape[-1]), cache.view(-1, cache.shape[-1])
     for table, n in zip(tables, lens, strict=True):
         for p in range(n):
             slot = table[p // 8] * 8 + p % 8
             flat[slot] = src[slot]
-    got = mla_decode(q.to(DEVICE), poisoned.to(DEVICE), padded.to(DEVICE),
-                     torch.tensor(lens, dtype=torch.int32, device=DEVICE), 0.5, latent_dim=8)
+    got = mla_decode(q_lat.to(DEVICE), q_rope.to(DEVICE), poisoned.to(DEVICE), padded.to(DEVICE),
+                     torch.tensor(lens, dtype=torch.int32, device=DEVICE), 0.5)
     assert torch.isfinite(got).all()
-    torch.testing.assert_close(got.cpu(), reference(q, cache, tables, lens, 0.5, 8), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.cpu(), reference(q_lat, q_rope, cache, tables, lens, 0.5), atol=1e-5, rtol=1e-5)
 
 
 def test_num_splits_fills_the_gpu_without_tiny_splits() -> None:
