@@ -27,6 +27,9 @@ class AttentionMetadata:
     # Decode path, per decode sequence (one new token each):
     decode_block_tables: torch.Tensor  # [B, max_blocks] int64, padded with block 0
     decode_valid: torch.Tensor  # [B, max_blocks * block_size] bool: True where the position is in the context
+    # Built from static device buffers (server/engine/cuda_graphs.py): nothing may read a value back to the host,
+    # so a CUDA graph can capture the step; derived tensors are then computed without shortcuts that look at values.
+    graph_safe: bool = False
 
     # Derived once per step and shared by every layer (see the cached properties and methods below).
     _bias_cache: dict[torch.dtype, torch.Tensor | None] = dataclasses.field(default_factory=dict, repr=False,
@@ -58,7 +61,7 @@ class AttentionMetadata:
         if dtype not in self._bias_cache:
             valid = self.decode_valid
             bias = None
-            if not bool(valid.all()):
+            if self.graph_safe or not bool(valid.all()):
                 bias = torch.zeros(valid.shape, dtype=dtype, device=valid.device)
                 bias.masked_fill_(~valid, float("-inf"))
                 bias = bias[:, None, :]
