@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -67,7 +68,7 @@ class DecodeGraphRunner:
                                           device=device)
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pad_counts: dict[int, torch.Tensor] = {}  # bucket -> expert counts of one padding row [layers, E]
-        self._pool: tuple[int, int] | None = None
+        self._pool: Any = None  # the graphs' shared memory pool (torch.cuda's private handle type)
         self._fill_host([], [], [], [], 0, max_num_seqs)
         self._device.copy_(self._host)
 
