@@ -34,6 +34,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
 def _non_negative_float(text: str) -> float:
     value = float(text)
     if not value >= 0 or value == float("inf"):  # also refuses nan
@@ -70,7 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="tokens per engine step (prefill chunks + decodes)")
     add("--max-model-len", type=_positive_int, default=None,
         help="context limit, prompt + output (default: the model's max_position_embeddings)")
-    add("--kv-cache-tokens", default="2GiB", help="KV cache size: tokens (65536) or memory (2GiB, 500MB)")
+    add("--kv-cache-tokens", default=None, help="KV cache size: tokens (65536) or memory (2GiB, 500MB); default "
+                                                "2GiB on CPU, on CUDA what --gpu-memory-utilization leaves free")
+    add("--gpu-memory-utilization", type=_fraction, default=0.9,
+        help="share of the GPU's memory this server may use (weights, activations, KV cache); sizes the KV cache "
+             "on CUDA unless --kv-cache-tokens is given")
+    add("--enforce-eager", type=_bool, nargs="?", const=True, default=False,
+        help="no CUDA graphs: every decode step runs eagerly (vLLM's flag)")
     add("--block-size", type=_positive_int, default=16, help="tokens per KV cache block")
     add("--enable-prefix-caching", type=_bool, default=True, help="reuse cached blocks of shared prefixes")
     add("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
@@ -111,7 +124,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                               kv_cache_tokens=args.kv_cache_tokens, max_num_seqs=args.max_num_seqs,
                               max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
                               block_size=args.block_size, enable_prefix_caching=args.enable_prefix_caching,
-                              eos_token_id=tokenizer.eos_token_id, metrics=metrics)
+                              eos_token_id=tokenizer.eos_token_id, metrics=metrics,
+                              enforce_eager=args.enforce_eager, gpu_memory_utilization=args.gpu_memory_utilization)
         if engine.vocab_size != tokenizer.vocab_size:
             raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
                              f"{engine.vocab_size}; pass the matching --tokenizer")

@@ -12,6 +12,7 @@ from typing import TypeVar
 import torch
 
 from model import ModelConfig, PagedLatentCache, load_model
+from server.engine.cuda_graphs import DecodeGraphRunner
 from server.engine.engine import Engine
 from server.engine.model_runner import ModelRunner
 from server.engine.sampler import Sampler
@@ -68,6 +69,24 @@ def parse_kv_cache_tokens(value: str, config: ModelConfig, dtype: torch.dtype) -
     return int(size // PagedLatentCache.bytes_per_token(config, dtype))
 
 
+# GPU memory kept out of the KV cache for activations: a 512-token prefill step (~50 MB), logits of 256 sampled
+# rows in float32 (50 MB), the CUDA graphs' shared pool (about one largest-bucket step) and allocator slack.
+_GPU_ACTIVATION_RESERVE = 1 << 30
+
+
+def gpu_cache_bytes(free: int, total: int, utilization: float) -> int:
+    """KV cache bytes when this server may use `utilization` of the GPU's memory, of which `total - free` is
+    already taken (weights, the CUDA context, other processes)."""
+    if not 0.0 < utilization <= 1.0:
+        raise ValueError(f"--gpu-memory-utilization must be in (0, 1], got {utilization}")
+    budget = int(utilization * total) - (total - free) - _GPU_ACTIVATION_RESERVE
+    if budget <= 0:
+        raise ValueError(f"--gpu-memory-utilization {utilization} leaves no room for the KV cache: "
+                         f"{(total - free) / 2**30:.2f} of {total / 2**30:.2f} GiB are in use already; raise it or "
+                         f"give --kv-cache-tokens")
+    return budget
+
+
 def off_main_thread(fn: Callable[[], _T]) -> _T:
     """fn() on a short-lived thread, so the main thread never runs a parallel torch op.
 
@@ -81,11 +100,15 @@ def off_main_thread(fn: Callable[[], _T]) -> _T:
 
 
 def build_engine(model_path: str | None, *, dtype: str = "auto", device: str = "auto", seed: int = 0,
-                 kv_cache_tokens: str = "2GiB", max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
+                 kv_cache_tokens: str | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
                  max_model_len: int | None = None, block_size: int = 16, enable_prefix_caching: bool = True,
                  eos_token_id: int = 0, metrics: ServerMetrics | None = None,
-                 model_config: ModelConfig | None = None) -> Engine:
-    """Load the model and size its cache; the engine is returned not yet started."""
+                 model_config: ModelConfig | None = None, enforce_eager: bool = False,
+                 gpu_memory_utilization: float = 0.9) -> Engine:
+    """Load the model, size its cache and capture the decode graphs (CUDA); the engine is returned not yet started.
+
+    kv_cache_tokens None: 2GiB on CPU; on CUDA what gpu_memory_utilization leaves free after the weights.
+    """
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     if model_path is None:
@@ -98,7 +121,17 @@ def build_engine(model_path: str | None, *, dtype: str = "auto", device: str = "
     if max_len > config.max_position_embeddings:
         raise ValueError(f"--max-model-len {max_len} exceeds the model's max_position_embeddings "
                          f"{config.max_position_embeddings}")
-    tokens = parse_kv_cache_tokens(kv_cache_tokens, config, torch_dtype)
+    per_token = PagedLatentCache.bytes_per_token(config, torch_dtype)
+    if kv_cache_tokens is not None:
+        tokens = parse_kv_cache_tokens(kv_cache_tokens, config, torch_dtype)
+        sized_by = "--kv-cache-tokens"
+    elif torch_device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(torch_device)
+        tokens = gpu_cache_bytes(free, total, gpu_memory_utilization) // per_token
+        sized_by = f"--gpu-memory-utilization {gpu_memory_utilization} of {total / 2**30:.1f} GiB"
+    else:
+        tokens = parse_kv_cache_tokens("2GiB", config, torch_dtype)
+        sized_by = "the CPU default of 2GiB"
     num_blocks = -(-tokens // block_size)
     if num_blocks * block_size < max_len:
         raise ValueError(f"--kv-cache-tokens gives room for {num_blocks * block_size} tokens, less than one "
@@ -107,17 +140,31 @@ def build_engine(model_path: str | None, *, dtype: str = "auto", device: str = "
     scheduler_config = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                        max_model_len=max_len, block_size=block_size, num_blocks=num_blocks,
                                        enable_prefix_caching=enable_prefix_caching)
-    cache = off_main_thread(lambda: PagedLatentCache(config, num_blocks, block_size, torch_dtype, torch_device))
-    per_token = PagedLatentCache.bytes_per_token(config, torch_dtype)
+    use_graphs = torch_device.type == "cuda" and not enforce_eager
+    # With CUDA graphs one block more than the scheduler knows of: the scratch block padding rows write.
+    cache = off_main_thread(lambda: PagedLatentCache(config, num_blocks + use_graphs, block_size, torch_dtype,
+                                                     torch_device))
     logger.info("model: %s params, %s on %s; KV cache: %d tokens (%d blocks of %d), %s bytes per token "
-                "(%.1f KB), %.2f GiB", f"{sum(p.numel() for p in model.parameters()):,}", torch_dtype,
+                "(%.1f KB), %.2f GiB, sized by %s", f"{sum(p.numel() for p in model.parameters()):,}", torch_dtype,
                 torch_device, num_blocks * block_size, num_blocks, block_size, f"{per_token:,}", per_token / 1000,
-                per_token * num_blocks * block_size / 2**30)
+                per_token * num_blocks * block_size / 2**30, sized_by)
+    decode_runner = None
+    if use_graphs:
+        decode_runner = DecodeGraphRunner(model, cache.layers, max_num_seqs=max_num_seqs,
+                                          max_blocks_per_seq=-(-max_len // block_size), block_size=block_size,
+                                          scratch_block=num_blocks, use_cuda_graphs=True)
+        try:
+            off_main_thread(decode_runner.capture_all)
+        except RuntimeError as exc:  # e.g. an op that syncs with the host: serve eagerly rather than not at all
+            logger.warning("CUDA graph capture failed (%s); decode steps run eagerly", exc)
+            decode_runner = None
+    elif torch_device.type == "cuda":
+        logger.info("--enforce-eager: decode steps run without CUDA graphs")
     if metrics is not None:
         metrics.set_kv_cache_info(per_token, num_blocks * block_size)
         metrics.set_cache_config(block_size, num_blocks, enable_prefix_caching,
                                  str(torch_dtype).removeprefix("torch."))
         metrics.set_info(model_path or "random-seed-weights", str(torch_dtype).removeprefix("torch."),
                          str(torch_device))
-    runner = ModelRunner(model, cache, Sampler(seed=seed), eos_token_id)
+    runner = ModelRunner(model, cache, Sampler(seed=seed), eos_token_id, decode_runner)
     return Engine(runner, scheduler_config, config.vocab_size, metrics)

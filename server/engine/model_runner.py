@@ -7,6 +7,7 @@ import dataclasses
 import torch
 
 from model import AttentionMetadata, CustomLLM, PagedLatentCache
+from server.engine.cuda_graphs import DecodeGraphRunner
 from server.engine.sampler import Sampler
 from server.engine.sampler_state import SamplingState
 from server.engine.scheduler import ScheduledSequence
@@ -25,8 +26,10 @@ class SampledToken:
 class ModelRunner:
     """Owns the model, its paged latent cache and the sampler; runs on the engine thread only."""
 
-    def __init__(self, model: CustomLLM, cache: PagedLatentCache, sampler: Sampler, eos_token_id: int) -> None:
+    def __init__(self, model: CustomLLM, cache: PagedLatentCache, sampler: Sampler, eos_token_id: int,
+                 decode_runner: DecodeGraphRunner | None = None) -> None:
         self.model = model
+        self.decode_runner = decode_runner  # all-decode steps go through it (CUDA graphs); None = always eager
         self.cache = cache
         self.sampler = sampler
         self.eos_token_id = eos_token_id
@@ -47,11 +50,15 @@ class ModelRunner:
             query_lens.append(s.num_new_tokens)
             context_lens.append(end)
             tables.append(s.seq.block_table)
-        meta = AttentionMetadata.build(query_lens, context_lens, tables, self.cache.block_size, self.device)
-        expert_counts = torch.zeros(self.num_layers, self.num_routed_experts, dtype=torch.int64,
-                                    device=self.device)
-        hidden = self.model(torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device),
-                            meta, self.cache.layers, expert_counts)
+        decode = self.decode_runner
+        if decode is not None and len(ids) == len(scheduled) and decode.can_run(len(ids), tables):
+            hidden, expert_counts = decode.run(ids, positions, context_lens, tables)
+        else:
+            meta = AttentionMetadata.build(query_lens, context_lens, tables, self.cache.block_size, self.device)
+            expert_counts = torch.zeros(self.num_layers, self.num_routed_experts, dtype=torch.int64,
+                                        device=self.device)
+            hidden = self.model(torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device),
+                                meta, self.cache.layers, expert_counts)
 
         sampling = [i for i, s in enumerate(scheduled) if s.samples]
         if not sampling:

@@ -8,6 +8,7 @@ import dataclasses
 import torch
 
 from model import PagedLatentCache, load_model
+from server.engine.cuda_graphs import DecodeGraphRunner
 from server.engine.engine import Engine, SequenceOutput
 from server.engine.model_runner import ModelRunner
 from server.engine.sampler import Sampler
@@ -18,16 +19,23 @@ from tests.model.conftest import TINY, randomise
 
 def make_engine(num_blocks: int = 256, block_size: int = 4, max_num_seqs: int = 32,
                 max_num_batched_tokens: int = 256, max_model_len: int = 256, seed: int = 1,
-                enable_prefix_caching: bool = True) -> Engine:
-    """A float32 TINY engine (vocab 97, EOS 0); not started."""
+                enable_prefix_caching: bool = True, static_decode: bool = False) -> Engine:
+    """A float32 TINY engine (vocab 97, EOS 0); not started. static_decode: decode steps through the graph
+    runner's static buffers (eagerly, on CPU), with its scratch block after the scheduler's blocks."""
     model_config = dataclasses.replace(TINY, max_position_embeddings=max(max_model_len, 256))
     model = load_model(None, dtype=torch.float32, config=model_config)
     randomise(model, seed)
-    cache = PagedLatentCache(model_config, num_blocks, block_size, torch.float32)
+    cache = PagedLatentCache(model_config, num_blocks + static_decode, block_size, torch.float32)
+    decode = None
+    if static_decode:
+        decode = DecodeGraphRunner(model, cache.layers, max_num_seqs=max_num_seqs,
+                                   max_blocks_per_seq=-(-max_model_len // block_size), block_size=block_size,
+                                   scratch_block=num_blocks, use_cuda_graphs=False)
     config = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                           max_model_len=max_model_len, block_size=block_size, num_blocks=num_blocks,
                           enable_prefix_caching=enable_prefix_caching)
-    return Engine(ModelRunner(model, cache, Sampler(seed=0), eos_token_id=0), config, TINY.vocab_size)
+    return Engine(ModelRunner(model, cache, Sampler(seed=0), eos_token_id=0, decode_runner=decode), config,
+                  TINY.vocab_size)
 
 
 async def collect(engine: Engine, request_id: str, prompt: list[int],

@@ -128,3 +128,27 @@ def test_rejects_what_it_cannot_hold(model: CustomLLM) -> None:
     assert runner.can_run(MAX_SEQS, [[0]] * MAX_SEQS)
     assert not runner.can_run(MAX_SEQS + 1, [[0]] * (MAX_SEQS + 1))
     assert not runner.can_run(1, [list(range(MAX_BLOCKS + 1))])
+
+
+def test_engine_through_the_static_decode_path_generates_the_same_tokens() -> None:
+    """Greedy and seeded requests of ragged lengths, batched: the same tokens with and without the runner."""
+    from server.engine.sampling_params import SamplingParams
+    from tests.server.engine_utils import make_engine, run_all
+
+    rng = random.Random(5)
+    reqs = [([rng.randrange(1, TINY.vocab_size) for _ in range(rng.randint(1, 30))],
+             SamplingParams(temperature=0.0 if i % 2 else 0.9, seed=i, max_tokens=6 + i, ignore_eos=True))
+            for i in range(7)]
+    outputs = []
+    for static in (False, True):
+        e = make_engine(num_blocks=96, max_num_seqs=8, max_model_len=64, static_decode=static)
+        e.start()
+        try:
+            outputs.append(run_all(e, reqs))
+            runner = e.runner.decode_runner
+            assert (runner is not None) == static
+            if runner is not None:
+                assert len(runner._pad_counts) >= 2  # several buckets were used as the batch drained
+        finally:
+            e.shutdown()
+    assert outputs[0] == outputs[1]
