@@ -14,12 +14,16 @@ value back to the host (AttentionMetadata.graph_safe, the graph-safe MoE). Prefi
 logits and the sampler run after the replay, on the b real rows.
 On CPU (or with --enforce-eager) the same static-buffer path runs eagerly, which is how tests check it.
 
+NOTE: a captured graph holds the addresses of the model's prepared weights and of the cache: re-preparing the
+model after capture (load_state_dict, prepare_for_inference) leaves the graphs reading freed memory.
+
 Threading: engine thread only. The hidden states returned by `run` are a view into the static output, valid until
 the next `run`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -31,6 +35,24 @@ from model import AttentionMetadata, CustomLLM
 logger = logging.getLogger(__name__)
 
 _FIELDS = 4  # ids, positions, slot mapping, context lengths; the block tables follow them in the buffer
+
+
+@dataclasses.dataclass
+class StaticDecodeMetadata(AttentionMetadata):
+    """Decode metadata over the runner's static buffers. Its derived values are plain properties: a
+    functools.cached_property takes a lock (Python 3.11) that torch.compile cannot trace, and a graph computes
+    each value once, at capture, anyway."""
+
+    context_lens: torch.Tensor | None = None  # [B] int64, the static buffer's view
+
+    @property
+    def decode_block_ids(self) -> torch.Tensor:
+        return self.decode_block_tables.flatten()
+
+    @property
+    def decode_context_lens(self) -> torch.Tensor:
+        assert self.context_lens is not None
+        return self.context_lens
 
 
 def capture_sizes(max_num_seqs: int) -> list[int]:
@@ -107,10 +129,10 @@ class DecodeGraphRunner:
     def _forward(self, bucket: int) -> torch.Tensor:
         """The decode forward over the first `bucket` rows of the static buffers: hidden states [B, D]."""
         lens = self._view(3, bucket)
-        meta = AttentionMetadata(
+        meta = StaticDecodeMetadata(
             slot_mapping=self._view(2, bucket), num_prefill_tokens=0, prefill_query_lens=[], prefill_context_lens=[],
             prefill_context_slots=self._empty, decode_block_tables=self._tables(bucket),
-            decode_valid=self._positions_range[None, :] < lens[:, None], graph_safe=True)
+            decode_valid=self._positions_range[None, :] < lens[:, None], graph_safe=True, context_lens=lens)
         self._expert_counts.zero_()
         return self.model(self._view(0, bucket), self._view(1, bucket), meta, self.caches, self._expert_counts)
 
