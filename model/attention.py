@@ -18,6 +18,7 @@ from torch import nn
 from model.layers import PackedLinear, apply_rope_
 from model.metadata import AttentionMetadata
 from model.ops.linear import PlainLinear
+from model.ops.mla_decode import TorchMLADecode, select_mla_decode
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,11 +30,7 @@ class _Prepared:
     w_q: torch.Tensor  # [H*Dh, L]: per head q_proj_u rows | rope_q rows
     w_kv_up: torch.Tensor  # [H*N + H*Dh, L]: k_proj_u | v_proj_u (prefill decompression)
     w_v_t: torch.Tensor  # [H, L, Dh]: v_proj_u per head, transposed (decode's absorbed value expansion)
-
-
-# Bytes of gathered decode context per chunk of sequences: small enough to stay in this class of CPU's
-# last-level cache (32 MiB here) next to everything else, big enough that per-chunk op overhead stays small.
-_DECODE_CHUNK_BYTES = 6 << 20
+    decode: TorchMLADecode  # the latent mix of decode attention (model/ops/mla_decode.py)
 
 
 class MultiHeadLatentAttention(nn.Module):
@@ -69,7 +66,8 @@ class MultiHeadLatentAttention(nn.Module):
             w_kv_up = torch.cat((self.k_proj_u.weight, self.v_proj_u.weight))
             w_v_t = self.v_proj_u.weight.view(h, d, latent).transpose(1, 2).contiguous()
         self._prepared = _Prepared(backend, w_in=backend.prepare(w_in), w_q=backend.prepare(w_q.reshape(h * d, latent)),
-                                   w_kv_up=backend.prepare(w_kv_up), w_v_t=w_v_t)
+                                   w_kv_up=backend.prepare(w_kv_up), w_v_t=w_v_t,
+                                   decode=select_mla_decode(w_in.device, w_in.dtype))
         self.o_proj.prepare(backend)
 
     def unprepare(self) -> None:
@@ -142,36 +140,10 @@ class MultiHeadLatentAttention(nn.Module):
         q [B, H, Dh] (rope half rotated) -> [B, H, Dh]. With W_k = k_proj_u rows of head h [N, L] and
         W_v = v_proj_u rows [Dh, L]:
           q_nope . (W_k c) = (W_k^T q_nope) . c      -> fold W_k into the query once per token
-          sum_s p_s (W_v c_s) = W_v (sum_s p_s c_s)  -> mix latents, then expand once per token
-        Both score terms become one GEMM over whole cache entries: head h's query over an entry [c | k_rope]
-        is [W_k^T q_nope_h | 0 .. q_rope_h (at head h's R slots) .. 0].
+          sum_s p_s (W_v c_s) = W_v (sum_s p_s c_s)  -> mix latents (the decode backend), then expand once
         """
-        h, n, r, latent = self.num_heads, self.nope_dim, self.rope_dim, self.latent_dim
-        b = q.shape[0]
-        w_k = self.k_proj_u.weight.view(h, n, latent)
-        q_entry = q.new_zeros(b, h, latent + h * r)  # [B, H, F]
-        q_entry[:, :, :latent] = torch.bmm(q[..., :n].transpose(0, 1), w_k).transpose(0, 1)  # [B, H, L]
-        # Head h's rope query sits at entry columns L + h*R .. L + (h+1)*R: the diagonal of [B, H, H, R].
-        q_entry[:, :, latent:].view(b, h, h, r).diagonal(dim1=1, dim2=2).copy_(q[..., n:].transpose(1, 2))
-        bias = meta.decode_bias(q.dtype)  # [B, 1, S] 0 / -inf for padding, None when nothing is padded
-
-        # Sequences go in chunks whose gathered context stays cache-resident between the gather and the two
-        # GEMMs that read it (at 64 x 272 tokens: 4.4 -> 3.0 ms per layer against one 20 MB gather).
-        blocks = meta.decode_block_tables.shape[1]
-        per_seq = blocks * cache[0].numel() * cache.element_size()
-        chunk = max(1, min(b, _DECODE_CHUNK_BYTES // per_seq))
-        workspace = meta.workspace((chunk * blocks, *cache.shape[1:]), cache.dtype)
-        mixed = q.new_empty(b, h, latent)  # [B, H, L]
-        for start in range(0, b, chunk):
-            end = min(b, start + chunk)
-            # One gather of whole blocks, kept contiguous: the score GEMM reads it without another copy.
-            ctx = workspace[:(end - start) * blocks]
-            torch.index_select(cache, 0, meta.decode_block_ids[start * blocks:end * blocks], out=ctx)
-            ctx = ctx.view(end - start, -1, cache.shape[-1])  # [b, S, F]
-            # scale * q.k (+ bias), accumulated in float32 inside the GEMM and rounded once.
-            scores = torch.baddbmm(q_entry.new_zeros(1, 1, 1) if bias is None else bias[start:end],
-                                   q_entry[start:end], ctx.transpose(1, 2),
-                                   beta=0.0 if bias is None else 1.0, alpha=self.scale)  # [b, H, S]
-            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)  # softmax in float32
-            torch.bmm(probs, ctx[..., :latent], out=mixed[start:end])
+        n = self.nope_dim
+        w_k = self.k_proj_u.weight.view(self.num_heads, n, self.latent_dim)
+        q_lat = torch.bmm(q[..., :n].transpose(0, 1), w_k).transpose(0, 1)  # [B, H, L]
+        mixed = prep.decode.mix(q_lat, q[..., n:], cache, meta, self.scale)  # [B, H, L]
         return torch.bmm(mixed.transpose(0, 1), prep.w_v_t).transpose(0, 1)  # [B, H, Dh]

@@ -46,6 +46,11 @@ class AttentionMetadata:
         """[B * max_blocks] int64: the decode block tables flattened, for one gather of whole blocks."""
         return self.decode_block_tables.flatten()
 
+    @functools.cached_property
+    def decode_context_lens(self) -> torch.Tensor:
+        """[B] int64: context tokens of each decode sequence (the new token included)."""
+        return self.decode_valid.sum(dim=1)
+
     def workspace(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """A scratch tensor for this step, shared by every layer (each layer overwrites it before reading).
 

@@ -13,6 +13,7 @@ from torch import nn
 
 from model.layers import StackedExperts
 from model.ops.linear import PlainLinear
+from model.ops.moe_experts import TorchExperts, select_experts
 
 
 class MoE(nn.Module):
@@ -30,13 +31,17 @@ class MoE(nn.Module):
         self.shared_experts.prepare(backend)
         self.routed_experts.prepare(backend)
         self._router = (backend, backend.prepare(self.router.weight))
+        weight = self.router.weight
+        self._experts = select_experts(weight.device, weight.dtype, dense_weights=not backend.copies_weights)
 
     def unprepare(self) -> None:
         self.shared_experts.unprepare()
         self.routed_experts.unprepare()
         self._router = None
+        self._experts = TorchExperts()
 
     _router: tuple[PlainLinear, torch.Tensor] | None = None  # (backend, prepared router weight)
+    _experts: TorchExperts = TorchExperts()  # how the expert MLPs run (model/ops/moe_experts.py)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k experts [T, K] and their normalised weights [T, K] (float32)."""
@@ -52,30 +57,8 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor, expert_counts: torch.Tensor | None = None) -> torch.Tensor:
         """x [T, D] -> [T, D]. expert_counts [E], if given, gains the number of tokens each expert received."""
-        out = self.shared_experts.expert_forward(0, x)
-        for s in range(1, self.shared_experts.num_experts):
-            out = out + self.shared_experts.expert_forward(s, x)
-        if self.shared_experts.num_experts > 1:
-            out = out / self.shared_experts.num_experts
-
+        out = self._experts.shared(self.shared_experts, x)
         weights, experts = self.route(x)  # [T, K] each
-        flat_experts = experts.flatten()  # [P]
-        counts = torch.bincount(flat_experts, minlength=self.num_routed_experts)  # [E]
         if expert_counts is not None:
-            expert_counts += counts
-        if x.shape[0] == 1:
-            # One token (batch-1 decode): its K experts straight from the routing, no sort, gather or scatter.
-            for expert, weight in zip(flat_experts.tolist(), weights.flatten().tolist(), strict=True):
-                out.add_(self.routed_experts.expert_forward(expert, x), alpha=weight)
-            return out
-        order = flat_experts.argsort(stable=True)  # [P]
-        token_of = order // self.top_k  # [P]: the token of each sorted pair
-        x_sorted = x.index_select(0, token_of)  # [P, D], grouped by expert
-        ys = torch.empty_like(x_sorted)  # [P, D]
-        start = 0
-        for expert, count in enumerate(counts.tolist()):
-            if count:
-                ys[start:start + count] = self.routed_experts.expert_forward(expert, x_sorted[start:start + count])
-                start += count
-        ys *= weights.flatten()[order, None].to(x.dtype)
-        return out.index_add_(0, token_of, ys)
+            expert_counts += torch.bincount(experts.flatten(), minlength=self.num_routed_experts)
+        return self._experts.routed(self.routed_experts, x, weights, experts, out)

@@ -1,12 +1,14 @@
 """The served path (paged latent cache, chunked prefill, absorbed decode, batched MoE) against the reference."""
 
+import dataclasses
 import random
 
 import pytest
 import torch
 
-from model import AttentionMetadata, CustomLLM, ModelConfig, PagedLatentCache, attention
+from model import AttentionMetadata, CustomLLM, ModelConfig, PagedLatentCache
 from model.moe import MoE
+from model.ops import cpu_extension, mla_decode
 from tests.model.conftest import TINY
 from tests.model.reference import reference_logits
 
@@ -113,11 +115,14 @@ def test_mixed_batches_chunked_prefill_and_decode_match_reference(tiny_model: Cu
     assert checked > 100
 
 
-@pytest.mark.parametrize("chunk_bytes", [None, 1])  # 1: every sequence is its own decode chunk
-def test_absorbed_decode_equals_decompressed_attention(tiny_model: CustomLLM, chunk_bytes: int | None,
+# torch with chunk 1: every sequence is its own decode chunk; cpp: the fused kernel, split over the context.
+@pytest.mark.parametrize(("backend", "chunk_bytes"), [("torch", None), ("torch", 1), ("cpp", None)])
+def test_absorbed_decode_equals_decompressed_attention(tiny_model: CustomLLM, backend: str, chunk_bytes: int | None,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    if backend == "cpp" and not cpu_extension.load():
+        pytest.skip("CPU extension unavailable on this machine")
     if chunk_bytes is not None:
-        monkeypatch.setattr(attention, "_DECODE_CHUNK_BYTES", chunk_bytes)
+        monkeypatch.setattr(mla_decode, "_DECODE_CHUNK_BYTES", chunk_bytes)
     runner = PagedRunner(tiny_model)
     lens = [5, 9, 17]
     for s, n in enumerate(lens):
@@ -139,6 +144,8 @@ def test_absorbed_decode_equals_decompressed_attention(tiny_model: CustomLLM, ch
     q = torch.cat((q_nope, q_rope), dim=-1)
     prep = attn._prepared
     assert prep is not None
+    decode = mla_decode.CppMLADecode(num_splits=2) if backend == "cpp" else mla_decode.TorchMLADecode()
+    prep = dataclasses.replace(prep, decode=decode)
     with torch.inference_mode():  # as in the model's forward
         absorbed = attn._decode(prep, q, decode_meta, cache)
         decompressed = attn._prefill(prep, q, prefill_meta, cache.view(-1, cache.shape[-1]))

@@ -1,0 +1,84 @@
+// Portable SIMD helpers for the CPU kernels: GCC vector extensions, so one source compiles to AVX2 (8 lanes)
+// or AVX-512 (16 lanes) from the -m flags the loader picks (model/ops/cpu_extension.py).
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+namespace customllm {
+
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+#else
+constexpr int kLanes = 8;
+#endif
+
+// Unaligned, may-alias vector of floats: loads and stores through it compile to vmovups.
+typedef float vfloat __attribute__((vector_size(kLanes * 4), aligned(4), may_alias));
+typedef uint16_t vbf16 __attribute__((vector_size(kLanes * 2), aligned(2), may_alias));
+typedef uint32_t vu32 __attribute__((vector_size(kLanes * 4)));
+
+inline vfloat load(const float* p) { return *reinterpret_cast<const vfloat*>(p); }
+inline void store(float* p, vfloat v) { *reinterpret_cast<vfloat*>(p) = v; }
+inline vfloat splat(float x) { return vfloat{} + x; }
+
+inline float hsum(vfloat v) {
+  float s = 0.f;
+  for (int i = 0; i < kLanes; ++i) s += v[i];
+  return s;
+}
+
+// bfloat16 is the top half of a float32: widen and shift (exact).
+inline vfloat load_bf16(const uint16_t* p) {
+  vu32 wide = __builtin_convertvector(*reinterpret_cast<const vbf16*>(p), vu32) << 16;
+  vfloat out;
+  std::memcpy(&out, &wide, sizeof(out));
+  return out;
+}
+
+inline float bf16_to_float(uint16_t x) {
+  uint32_t u = static_cast<uint32_t>(x) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// Round to nearest even, as torch does (inputs here are finite).
+inline uint16_t float_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  u += 0x7FFF + ((u >> 16) & 1);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+// Convert n bfloat16 values to float32 (n a multiple of kLanes, with a scalar tail otherwise).
+inline void widen_bf16(const uint16_t* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) store(dst + i, load_bf16(src + i));
+  for (; i < n; ++i) dst[i] = bf16_to_float(src[i]);
+}
+
+// exp(x) for x <= 0 (softmax arguments after the max is subtracted), relative error ~2e-7:
+// 2^n * p(r) with n = round(x / ln2), r = x - n ln2 in [-ln2/2, ln2/2], p a degree-6 Taylor polynomial.
+inline vfloat exp_nonpositive(vfloat x) {
+  typedef int32_t vi32 __attribute__((vector_size(kLanes * 4)));
+  x = x < splat(-87.f) ? splat(-87.f) : x;
+  vfloat t = x * splat(1.44269504f) - splat(0.5f);
+  // t <= -0.5, so truncation toward zero is ceil(x/ln2 - 0.5): x/ln2 rounded to nearest.
+  vi32 n = __builtin_convertvector(t, vi32);
+  vfloat nf = __builtin_convertvector(n, vfloat);
+  vfloat r = x - nf * splat(0.693147181f);
+  vfloat p = splat(1.f / 720);
+  p = p * r + splat(1.f / 120);
+  p = p * r + splat(1.f / 24);
+  p = p * r + splat(1.f / 6);
+  p = p * r + splat(0.5f);
+  p = p * r + splat(1.f);
+  p = p * r + splat(1.f);
+  vi32 bits = (n + 127) << 23;
+  vfloat scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+}  // namespace customllm

@@ -1,0 +1,138 @@
+"""The CPU extension (model/csrc/*.cpp): built with torch's cpp_extension for this CPU's instruction set, once.
+
+Usage: python -m model.ops.cpu_extension build [--isa avx2,avx512,avx512-bf16 | --isa all]
+
+`load()` returns True once the ops are registered under `torch.ops.customllm`, False (logged) when this CPU
+lacks AVX2/FMA, no compiler is there or the build fails: every caller then keeps its plain torch path.
+
+Builds are cached per ISA level, torch version and source hash under $CUSTOMLLM_EXTENSION_DIR (default
+~/.cache/customllm/extension). A cached build is loaded without a compiler; a missing one is JIT-built
+(g++ and ninja needed, ~30 s). NOTE on images: the Docker builder prebuilds with `--isa all`, so an image built
+on one CPU carries a build for every level and a CPU of another level loads its own (an AVX2 build never runs
+AVX-512 code, and an AVX-512 CPU does not settle for the AVX2 build). A CPU below AVX2 gets the torch paths.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_CSRC = Path(__file__).resolve().parent.parent / "csrc"
+_NAME = "customllm_cpu"
+
+# ISA level -> compiler flags, best first. Vector width comes from the flags (model/csrc/vec.h).
+_ISA_FLAGS: dict[str, list[str]] = {
+    "avx512-bf16": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma", "-mf16c"],
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
+    "avx2": ["-mavx2", "-mfma", "-mf16c"],
+}
+# /proc/cpuinfo flags each level needs.
+_ISA_NEEDS: dict[str, set[str]] = {
+    "avx512-bf16": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "fma"},
+    "avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"},
+    "avx2": {"avx2", "fma", "f16c"},
+}
+# -ffast-math lets the compiler reorder float sums (the kernels avoid infinities, see kNoScore).
+_COMMON_FLAGS = ["-O3", "-fopenmp", "-ffast-math", "-DNDEBUG", "-Wno-unused-function"]
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def detect_isa() -> str | None:
+    """The best ISA level this CPU runs, or None below AVX2/FMA (or off x86 Linux)."""
+    flags = _cpu_flags()
+    return next((isa for isa, needs in _ISA_NEEDS.items() if needs <= flags), None)
+
+
+def _sources() -> list[Path]:
+    return sorted(_CSRC.glob("*.cpp"))
+
+
+def build_dir(isa: str) -> Path:
+    """Where the build for this ISA level, torch version and source text lives."""
+    digest = hashlib.sha256()
+    for path in sorted(_CSRC.glob("*.[ch]*")):
+        digest.update(path.name.encode() + path.read_bytes())
+    digest.update(" ".join(_ISA_FLAGS[isa] + _COMMON_FLAGS).encode())
+    root = Path(os.environ.get("CUSTOMLLM_EXTENSION_DIR", Path.home() / ".cache" / "customllm" / "extension"))
+    return root / f"torch{torch.__version__}-{isa}-{digest.hexdigest()[:12]}"
+
+
+def build(isa: str) -> Path:
+    """Compile the extension for `isa` (no need for this CPU to run it) and return the shared library."""
+    from torch.utils import cpp_extension
+
+    directory = build_dir(isa)
+    directory.mkdir(parents=True, exist_ok=True)
+    library = directory / f"{_NAME}.so"
+    if not library.exists():
+        start = time.perf_counter()
+        cpp_extension.load(name=_NAME, sources=[str(s) for s in _sources()], build_directory=str(directory),
+                           extra_cflags=_COMMON_FLAGS + _ISA_FLAGS[isa], extra_ldflags=["-fopenmp"],
+                           is_python_module=False, verbose=False)
+        logger.info("built the CPU extension for %s in %.1f s: %s", isa, time.perf_counter() - start, library)
+    return library
+
+
+@functools.cache
+def load() -> bool:
+    """Register torch.ops.customllm.* for this CPU (building it if needed); False, logged, when not possible."""
+    if os.environ.get("CUSTOMLLM_CPU_EXTENSION", "1") == "0":
+        logger.info("CPU extension disabled by CUSTOMLLM_CPU_EXTENSION=0; using the torch paths")
+        return False
+    isa = detect_isa()
+    if isa is None:
+        logger.info("CPU extension: this CPU lacks AVX2/FMA; using the torch paths")
+        return False
+    try:
+        library = build_dir(isa) / f"{_NAME}.so"
+        if not library.exists():
+            library = build(isa)
+        torch.ops.load_library(str(library))
+    except (RuntimeError, OSError, ImportError) as exc:  # no compiler, failed build, unloadable library
+        logger.warning("CPU extension (%s) unavailable (%s); using the torch paths", isa, str(exc).splitlines()[0])
+        return False
+    logger.info("CPU extension loaded (%s): %s", isa, library)
+    return True
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["build"])
+    parser.add_argument("--isa", default="native", help="comma-separated levels, 'all', or 'native' (this CPU)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.isa == "native":
+        native = detect_isa()
+        if native is None:
+            raise SystemExit("this CPU lacks AVX2/FMA: nothing to build (the server uses its torch paths)")
+        levels = [native]
+    else:
+        levels = list(_ISA_FLAGS) if args.isa == "all" else args.isa.split(",")
+    unknown = [isa for isa in levels if isa not in _ISA_FLAGS]
+    if unknown:
+        raise SystemExit(f"unknown ISA level(s) {unknown}; expected some of {list(_ISA_FLAGS)}, 'all' or 'native'")
+    for isa in levels:
+        print(build(isa))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""The expert MLPs of an MoE layer: backends chosen once at load.
+
+Shapes: T tokens, D hidden, I intermediate, E experts, K experts per token, P = T*K (token, expert) pairs.
+
+`TorchExperts` (every device, dtype and linear backend; the oracle): pairs sorted by expert, one gathered
+input, one fused gate|up GEMM, silu * up and one down GEMM per expert through the linear backend, then one
+index_add. `CppExperts` (CPU, bfloat16/float32 dense weights; model/csrc/moe.cpp): the whole layer's experts
+in one extension call, grouping, SiLU*mul pass and weighted accumulation in float32 included, so no Python
+runs per expert. It needs the stacked dense weights, so it is not used next to a linear backend that
+releases them (packed oneDNN, the better path on CPUs with native bfloat16 GEMM).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import logging
+
+import torch
+
+from model.layers import StackedExperts
+
+logger = logging.getLogger(__name__)
+
+
+class TorchExperts:
+    name = "torch"
+
+    def shared(self, experts: StackedExperts, x: torch.Tensor) -> torch.Tensor:
+        """Mean of every shared expert's output: x [T, D] -> [T, D] in x's dtype."""
+        out = experts.expert_forward(0, x)
+        for s in range(1, experts.num_experts):
+            out = out + experts.expert_forward(s, x)
+        return out / experts.num_experts if experts.num_experts > 1 else out
+
+    def routed(self, experts: StackedExperts, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+               out: torch.Tensor) -> torch.Tensor:
+        """out [T, D] (x's dtype) plus the routing-weighted outputs of each token's experts ids/weights [T, K]."""
+        flat = ids.flatten()  # [P]
+        k = ids.shape[1]
+        if x.shape[0] == 1:
+            # One token (batch-1 decode): its K experts straight from the routing, no sort, gather or scatter.
+            for expert, weight in zip(flat.tolist(), weights.flatten().tolist(), strict=True):
+                out.add_(experts.expert_forward(expert, x), alpha=weight)
+            return out
+        counts = torch.bincount(flat, minlength=experts.num_experts).tolist()  # [E]
+        order = flat.argsort(stable=True)  # [P]
+        token_of = order // k  # [P]: the token of each sorted pair
+        x_sorted = x.index_select(0, token_of)  # [P, D], grouped by expert
+        ys = torch.empty_like(x_sorted)  # [P, D]
+        start = 0
+        for expert, count in enumerate(counts):
+            if count:
+                ys[start:start + count] = experts.expert_forward(expert, x_sorted[start:start + count])
+                start += count
+        ys *= weights.flatten()[order, None].to(x.dtype)
+        return out.index_add_(0, token_of, ys)
+
+
+class CppExperts(TorchExperts):
+    name = "cpp"
+
+    def shared(self, experts: StackedExperts, x: torch.Tensor) -> torch.Tensor:
+        # Float32 until the routed experts are added too: one rounding for the whole MoE output.
+        t, s = x.shape[0], experts.num_experts
+        out = x.new_zeros(x.shape, dtype=torch.float32)  # [T, D]
+        ids = torch.arange(s).expand(t, s)  # [T, S]: every token to every shared expert, weight 1/S
+        torch.ops.customllm.moe_experts(x, ids, torch.full((t, s), 1.0 / s), experts.gate_up, experts.down, out)
+        return out
+
+    def routed(self, experts: StackedExperts, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+               out: torch.Tensor) -> torch.Tensor:
+        acc = out if out.dtype == torch.float32 else out.float()
+        torch.ops.customllm.moe_experts(x, ids, weights, experts.gate_up, experts.down, acc)
+        return acc.to(x.dtype)
+
+
+def _self_check(dtype: torch.dtype) -> bool:
+    """The kernel against the torch path in float32 on the same (rounded) weights, on a small case."""
+    g = torch.Generator().manual_seed(0)
+    oracle_experts = StackedExperts(3, 16, 8)
+    with torch.no_grad():
+        oracle_experts.gate_up.copy_(torch.randn(oracle_experts.gate_up.shape, generator=g) / 4)
+        oracle_experts.down.copy_(torch.randn(oracle_experts.down.shape, generator=g) / 4)
+        experts = copy.deepcopy(oracle_experts).to(dtype)
+        oracle_experts.to(dtype).float()  # the oracle sees the rounded weights
+        x = torch.randn(5, 16, generator=g).to(dtype)
+        ids = torch.tensor([[0, 2], [1, 0], [2, 1], [2, 0], [1, 2]])
+        weights = torch.rand(5, 2, generator=g)
+        oracle, fast = TorchExperts(), CppExperts()
+        want = oracle.routed(oracle_experts, x.float(), weights, ids, oracle.shared(oracle_experts, x.float()))
+        got = fast.routed(experts, x, weights, ids, fast.shared(experts, x)).float()
+    return torch.allclose(got, want, atol=1e-2 if dtype == torch.bfloat16 else 1e-5, rtol=1e-2)
+
+
+BACKENDS = ("auto", "torch", "cpp")
+
+
+@functools.cache
+def select_experts(device: torch.device, dtype: torch.dtype, dense_weights: bool, name: str = "auto") -> TorchExperts:
+    """The experts backend ("auto": the C++ path where it loads and the dense weights stay), logged once."""
+    from model.ops import cpu_extension  # imported here: `python -m model.ops.cpu_extension` imports model first
+
+    assert name in BACKENDS, f"unknown MoE experts backend {name!r}, expected one of {BACKENDS}"
+    usable = (name != "torch" and dense_weights and device.type == "cpu" and dtype in (torch.bfloat16, torch.float32)
+              and cpu_extension.load())
+    if usable and not _self_check(dtype):
+        logger.warning("MoE experts kernel failed its self-check in %s; using the torch path", dtype)
+        usable = False
+    if name == "cpp" and not usable:
+        raise ValueError(f"MoE experts backend cpp is not usable on {device} with {dtype}")
+    backend = CppExperts() if usable else TorchExperts()
+    logger.info("MoE experts backend for %s %s: %s", device, dtype, backend.name)
+    return backend

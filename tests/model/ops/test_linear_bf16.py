@@ -1,0 +1,56 @@
+"""The bfloat16-weight linear kernel against torch's F.linear (the oracle)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model.ops import cpu_extension
+from model.ops.linear import CppBF16Linear, select_linear_backend
+from tests.model.test_backend import _run, _tiny
+
+pytestmark = pytest.mark.skipif(not cpu_extension.load(), reason="CPU extension unavailable on this machine")
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 64, 67, 130])  # register tiles of 4 rows, blocks of 64
+@pytest.mark.parametrize(("out_features", "in_features"), [(48, 64), (37, 40), (5, 19)])  # 19: scalar tails only
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32])
+def test_matches_float32_linear(rows: int, out_features: int, in_features: int, x_dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(rows * 1000 + out_features)
+    w = torch.randn(out_features, in_features, generator=g).bfloat16()
+    b = torch.randn(out_features, generator=g).bfloat16()
+    x = torch.randn(rows, in_features, generator=g).to(x_dtype)
+    for bias in (None, b):
+        got = CppBF16Linear().linear(x, w, bias)
+        assert got.dtype == x_dtype and got.shape == (rows, out_features)
+        want = F.linear(x.float(), w.float(), None if bias is None else bias.float())
+        # float32 accumulation, rounded once to the output dtype
+        tol = 1e-2 if x_dtype == torch.bfloat16 else 1e-5
+        torch.testing.assert_close(got.float(), want, atol=tol * float(want.abs().max()), rtol=0)
+
+
+def test_leading_dimensions_and_empty_input() -> None:
+    w = torch.randn(24, 16).bfloat16()
+    x = torch.randn(2, 3, 16).bfloat16()
+    got = CppBF16Linear().linear(x, w)
+    assert got.shape == (2, 3, 24)
+    torch.testing.assert_close(got, F.linear(x.float(), w.float()).bfloat16(), atol=0.05, rtol=0.01)
+    assert CppBF16Linear().linear(x[:0, 0], w).shape == (0, 24)
+
+
+def test_selected_where_onednn_has_no_bf16() -> None:
+    name = select_linear_backend("cpu", torch.bfloat16).name
+    expected = "onednn-packed" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "cpp-bf16"
+    assert name == expected
+    assert select_linear_backend("cpu", torch.float32).name == "plain"
+    with pytest.raises(ValueError, match="not usable"):
+        select_linear_backend("cpu", torch.float32, "cpp-bf16")
+
+
+def test_model_matches_plain_backend() -> None:
+    fast, plain = _tiny(torch.bfloat16, "cpp-bf16"), _tiny(torch.bfloat16, "plain")
+    assert fast.linear_backend is not None and fast.linear_backend.name == "cpp-bf16"
+    got, want = _run(fast), _run(plain)
+    # bfloat16 end to end: the plain path rounds every GEMM's partial sums differently
+    torch.testing.assert_close(got, want, atol=0.03 * float(want.abs().max()), rtol=0)

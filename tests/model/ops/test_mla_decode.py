@@ -1,0 +1,89 @@
+"""The fused MLA decode kernel against the torch path (the oracle) on random inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.metadata import AttentionMetadata
+from model.ops import cpu_extension
+from model.ops.mla_decode import CppMLADecode, TorchMLADecode, select_mla_decode
+
+pytestmark = pytest.mark.skipif(not cpu_extension.load(), reason="CPU extension unavailable on this machine")
+
+BLOCK = 4
+HEADS, LATENT, ROPE = 3, 24, 8  # F = 48; 24 is not a multiple of the 16 AVX-512 lanes: the scalar tails run
+# bfloat16 inputs are compared with the torch path run in float32 on the same (rounded) values: the kernel
+# computes in float32 and rounds once, so only that rounding (2^-8 relative) remains. The torch path in
+# bfloat16 rounds scores and probabilities too and lands several times further away.
+TOL = {torch.float32: dict(atol=1e-5, rtol=1e-4), torch.bfloat16: dict(atol=1e-2, rtol=1e-2)}
+
+
+def _case(context_lens: list[int], dtype: torch.dtype, seed: int = 0, heads: int = HEADS, latent: int = LATENT,
+          rope: int = ROPE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata]:
+    g = torch.Generator().manual_seed(seed)
+    blocks = [-(-n // BLOCK) for n in context_lens]
+    # Shuffled block ids, so a sequence's blocks are not contiguous in the cache.
+    ids = (torch.randperm(sum(blocks), generator=g) + 1).tolist()
+    tables, at = [], 0
+    for nb in blocks:
+        tables.append(ids[at:at + nb])
+        at += nb
+    cache = (2 * torch.randn(sum(blocks) + 1, BLOCK, latent + heads * rope, generator=g)).to(dtype)
+    meta = AttentionMetadata.build([1] * len(context_lens), context_lens, tables, BLOCK)
+    q_lat = torch.randn(len(context_lens), heads, latent, generator=g).to(dtype)
+    q_rope = torch.randn(len(context_lens), heads, rope, generator=g).to(dtype)
+    return q_lat, q_rope, cache, meta
+
+
+def _compare(context_lens: list[int], dtype: torch.dtype, num_splits: int, **shape: int) -> None:
+    q_lat, q_rope, cache, meta = _case(context_lens, dtype, **shape)
+    want = TorchMLADecode().mix(q_lat.float(), q_rope.float(), cache.float(), meta, 0.3)
+    got = CppMLADecode(num_splits).mix(q_lat, q_rope, cache, meta, 0.3)
+    assert got.dtype == dtype and got.shape == want.shape
+    torch.testing.assert_close(got.float(), want, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_splits", [0, 1, 3])
+def test_ragged_contexts(dtype: torch.dtype, num_splits: int) -> None:
+    _compare([1, 5, 13, 2, 30], dtype, num_splits)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k", [1, 2, 5])
+def test_block_boundaries(dtype: torch.dtype, k: int) -> None:
+    # Contexts of exactly k blocks and one token either side, alone (split over the context) and together.
+    lens = [k * BLOCK - 1, k * BLOCK, k * BLOCK + 1]
+    for n in lens:
+        _compare([n], dtype, num_splits=0)
+    _compare(lens, dtype, num_splits=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_seed_shapes(dtype: torch.dtype) -> None:
+    # The seed model's head layout (12 heads, latent 192, rope 32): the vector loops without tails.
+    _compare([17, 64, 3], dtype, num_splits=0, heads=12, latent=192, rope=32)
+
+
+def test_more_splits_than_blocks_and_large_scores() -> None:
+    q_lat, q_rope, cache, meta = _case([6, 2], torch.float32)
+    q_lat *= 30  # scores in the hundreds: the online softmax must rescale without overflow
+    want = TorchMLADecode().mix(q_lat, q_rope, cache, meta, 0.3)
+    got = CppMLADecode(num_splits=8).mix(q_lat, q_rope, cache, meta, 0.3)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_bad_context_length_is_an_error() -> None:
+    q_lat, q_rope, cache, meta = _case([5], torch.float32)
+    with pytest.raises(RuntimeError, match="context length"):
+        torch.ops.customllm.mla_decode(q_lat, q_rope, cache, meta.decode_block_tables, torch.tensor([9]), 0.3, 0)
+
+
+def test_selection() -> None:
+    cpu = torch.device("cpu")
+    assert select_mla_decode(cpu, torch.bfloat16).name == "cpp"
+    assert select_mla_decode(cpu, torch.float16).name == "torch"
+    assert select_mla_decode(cpu, torch.float32, "torch").name == "torch"
+    with pytest.raises(ValueError, match="not usable"):
+        select_mla_decode(cpu, torch.float16, "cpp")
