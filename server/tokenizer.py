@@ -217,12 +217,16 @@ class StopStringMatcher:
         self.stop_str: str | None = None  # the stop string that matched
         self.output_len = 0  # characters emitted so far; once stopped, where the output ends
 
-    def add(self, delta: str) -> tuple[str, bool]:
-        """Consume a text delta; return (text to emit now, whether a stop string was found)."""
+    def add(self, delta: str, may_stop: bool = True) -> tuple[str, bool]:
+        """Consume a text delta; return (text to emit now, whether a stop string was found).
+
+        With may_stop False (before min_tokens) complete stop strings are emitted as text; only a suffix that may
+        begin one is still held back, so a stop string ending after min_tokens still matches.
+        """
         if self.stopped:
             return "", True
         text = self._pending + delta
-        match = self._find(text)
+        match = self._find(text) if may_stop else None
         if match is not None:
             start, stop_str = match
             self.stopped, self.stop_str, self._pending = True, stop_str, ""

@@ -58,6 +58,7 @@ class RequestStream:
         self._pending: dict[int, SequenceOutput] = {}
         self._wakeup = asyncio.Event()
         self._num_finished = 0
+        self.num_samples_left = n  # engine side: samples not yet finished (changed under the engine's lock)
 
     def put(self, out: SequenceOutput) -> None:
         """Engine thread: add new tokens of one sample (merged with any the consumer has not taken yet)."""
@@ -131,6 +132,8 @@ class Engine:
         self.dead_reason: str | None = None
         self.num_steps = 0
         self._num_unfinished = 0
+        self._num_unfinished_requests = 0
+        self._num_running_requests = 0  # requests with a sample in the running batch, as of the last step
         self._last_preemptions = 0
         self._last_prefix = (0, 0)
 
@@ -156,6 +159,17 @@ class Engine:
     def num_unfinished(self) -> int:
         """Requests' samples added and not yet finished (waiting, running or in the inbox)."""
         return self._num_unfinished
+
+    @property
+    def num_requests_running(self) -> int:
+        """Requests (not samples) with a sample in the running batch, as of the last step."""
+        return min(self._num_running_requests, self._num_unfinished_requests)
+
+    @property
+    def num_requests_waiting(self) -> int:
+        """Requests (not samples) added and not yet finished that have no sample running: queued, preempted or
+        not yet seen by the engine thread. What --max-queued-requests bounds; an n=8 request counts once."""
+        return max(self._num_unfinished_requests - self._num_running_requests, 0)
 
     # -- requests (any thread) -----------------------------------------------------------------
 
@@ -193,6 +207,7 @@ class Engine:
                 raise EngineDeadError(self.dead_reason or "engine is not running")
             self._inbox.extend(seqs)
             self._num_unfinished += len(seqs)
+            self._num_unfinished_requests += 1
         self._wakeup.set()
         return stream
 
@@ -251,6 +266,7 @@ class Engine:
     def step(self) -> None:
         """Schedule one batch, run it, hand out its tokens."""
         out = self.scheduler.schedule()
+        self._num_running_requests = len({s.request_id for s in self.scheduler.running})
         if out.is_empty:
             self._wakeup.wait(timeout=0.01)  # nothing fits right now (e.g. after preempting everything)
             return
@@ -308,6 +324,9 @@ class Engine:
         state: _RequestState = seq.data  # type: ignore[assignment]
         with self._lock:
             self._num_unfinished -= 1
+            state.stream.num_samples_left -= 1
+            if state.stream.num_samples_left == 0:
+                self._num_unfinished_requests -= 1
         if self.metrics is None:
             return
         now = self.clock()
@@ -317,10 +336,11 @@ class Engine:
                                               now - state.arrival_time)
 
     def _report_step(self, num_tokens: int, expert_counts: list[list[int]] | None = None) -> None:
+        self._num_running_requests = len({s.request_id for s in self.scheduler.running})
         if self.metrics is None:
             return
         sched = self.scheduler
-        self.metrics.observe_step(num_tokens, sched.num_running, sched.num_waiting + len(self._inbox),
+        self.metrics.observe_step(num_tokens, self.num_requests_running, self.num_requests_waiting,
                                   sched.block_usage, expert_counts)
         self.metrics.add_preemptions(sched.num_preemptions - self._last_preemptions)
         self._last_preemptions = sched.num_preemptions

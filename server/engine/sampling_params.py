@@ -42,11 +42,14 @@ class SamplingParams:
     # Accepts a mapping or (token_id, bias) pairs; stored as sorted pairs.
     logit_bias: tuple[tuple[int, float], ...] | Mapping[int, float] = ()
     seed: int | None = None
-    max_tokens: int = 16
+    max_tokens: int = 16  # 0: compute the prompt only (its prompt_logprobs), generate nothing
     min_tokens: int = 0
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top logprobs besides the sampled token
+    # Logprobs of the prompt's tokens (each given the ones before it) with this many top alternatives; such a
+    # sequence computes its whole prompt instead of reading the prefix cache.
+    prompt_logprobs: int | None = None
     # Carried for the detokenizer; the sampler ignores them.
     stop: tuple[str, ...] = ()
     include_stop_str_in_output: bool = False
@@ -71,8 +74,8 @@ class SamplingParams:
             self.seed is None or (_is_int(self.seed) and -(2**63) <= self.seed < 2**64),
             "seed", self.seed, "None or a 64-bit integer",
         )
-        _check(_is_int(self.max_tokens) and self.max_tokens >= 1,
-               "max_tokens", self.max_tokens, "an integer >= 1")
+        _check(_is_int(self.max_tokens) and self.max_tokens >= 0,
+               "max_tokens", self.max_tokens, "an integer >= 0")
         _check(_is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens,
                "min_tokens", self.min_tokens, f"an integer in 0..max_tokens ({self.max_tokens})")
         stop_ids = tuple(self.stop_token_ids)
@@ -83,6 +86,11 @@ class SamplingParams:
             self.logprobs is None
             or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
             "logprobs", self.logprobs, f"None or an integer in 0..{MAX_LOGPROBS}",
+        )
+        _check(
+            self.prompt_logprobs is None
+            or (_is_int(self.prompt_logprobs) and 0 <= self.prompt_logprobs <= MAX_LOGPROBS),
+            "prompt_logprobs", self.prompt_logprobs, f"None or an integer in 0..{MAX_LOGPROBS}",
         )
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
         _check(all(isinstance(s, str) and s for s in stop), "stop", stop, "non-empty strings")

@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.drain import Drain
@@ -202,7 +203,9 @@ def create_app(engine: Engine, tokenizer: Tokenizer, settings: ServerSettings, m
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "NotFoundError" if exc.status_code == 404 else "invalid_request_error"
-        return error_response(exc.status_code, str(exc.detail), kind)
+        # exc.headers carries a 405's Allow (RFC 9110 15.5.6 requires it).
+        return error_response(exc.status_code, str(exc.detail), kind,
+                              headers=dict(exc.headers) if exc.headers else None)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
@@ -260,9 +263,8 @@ def create_app(engine: Engine, tokenizer: Tokenizer, settings: ServerSettings, m
     @app.get("/get_load")
     async def get_load() -> dict[str, int]:
         # vllm-router's power_of_two policy polls this and reads "load"; the split is for people.
-        running = engine.scheduler.num_running
-        unfinished = engine.num_unfinished
-        return {"load": unfinished, "num_reqs": running, "num_waiting_reqs": max(unfinished - running, 0)}
+        running, waiting = engine.num_requests_running, engine.num_requests_waiting
+        return {"load": running + waiting, "num_reqs": running, "num_waiting_reqs": waiting}
 
     @app.get("/version")
     async def version() -> dict[str, str]:
@@ -273,6 +275,12 @@ def create_app(engine: Engine, tokenizer: Tokenizer, settings: ServerSettings, m
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
+    # HEAD wherever GET is served (load balancers probe with it); uvicorn sends the headers without the body. The
+    # OpenAPI schema is built (and cached) first, so it lists the GETs alone: HEAD is implied (RFC 9110 9.3.2).
+    app.openapi()
+    for route in app.routes:
+        if isinstance(route, APIRoute) and route.methods and "GET" in route.methods:
+            route.methods.add("HEAD")
     if settings.cors_allow_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_allow_origins),
                            allow_methods=["GET", "POST"], allow_headers=["*"])

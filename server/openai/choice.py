@@ -17,7 +17,7 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: list[tuple[int, float]]
-    text_offset: int  # characters of output text before this token
+    text_offset: int  # characters of text before this token (the tokens' own text, whatever is held back)
 
 
 class ChoiceBuilder:
@@ -25,13 +25,14 @@ class ChoiceBuilder:
 
     def __init__(self, index: int, tokenizer: Tokenizer, prompt_token_ids: list[int], stop: list[str],
                  include_stop_str_in_output: bool, skip_special_tokens: bool, stop_token_ids: tuple[int, ...],
-                 text_offset_base: int = 0) -> None:
+                 text_offset_base: int = 0, min_tokens: int = 0) -> None:
         self.index = index
         self._detokenizer = IncrementalDetokenizer(tokenizer, prompt_token_ids, skip_special_tokens)
         self._matcher = StopStringMatcher(stop, include_stop_str_in_output)
         self._include_stop = include_stop_str_in_output
         self._stop_token_ids = stop_token_ids
         self._offset_base = text_offset_base
+        self._min_tokens = min_tokens
         self.text = ""
         self.num_tokens = 0
         self.logprobs: list[TokenLogprob] = []
@@ -50,11 +51,14 @@ class ChoiceBuilder:
         for i, token_id in enumerate(out.token_ids):
             self.num_tokens += 1
             if out.logprobs is not None and out.top_logprobs is not None:
+                # The detokenized length, not the emitted one: stop-string hold-back must not shift offsets.
                 self.logprobs.append(TokenLogprob(token_id, out.logprobs[i], out.top_logprobs[i],
-                                                  self._offset_base + len(self.text) + len("".join(emitted))))
+                                                  self._offset_base + self._detokenizer.output_len))
             if out.finish_reason == "stop" and i == len(out.token_ids) - 1 and not self._include_stop:
                 break  # the EOS or stop_token_ids token that ended the sample: counted, but not text (as vLLM)
-            text, stopped = self._matcher.add(self._detokenizer.add(token_id))
+            # As vLLM: no stop string ends a sample before min_tokens tokens; one that ends later may start earlier.
+            text, stopped = self._matcher.add(self._detokenizer.add(token_id),
+                                              may_stop=self.num_tokens >= self._min_tokens)
             emitted.append(text)
             if stopped:
                 self.finish_reason, self.stop_reason = "stop", self._matcher.stop_str

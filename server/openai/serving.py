@@ -22,6 +22,7 @@ from server.openai.protocol import (
 from server.tokenizer import Tokenizer
 
 MAX_CHOICES = 256  # prompts x n in one request
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 class APIError(Exception):
@@ -100,20 +101,28 @@ class OpenAIServing:
             raise APIError(400, str(exc), param=field_in(str(exc))) from exc
         return params
 
-    def _validate_prompt(self, prompt: Prompt, params: SamplingParams) -> None:
+    def _validate_prompt(self, prompt: Prompt, params: SamplingParams, max_tokens_field: str = "max_tokens") -> None:
         try:
             self.engine.validate(prompt.token_ids, params)
         except ValueError as exc:
-            param = "max_tokens" if "context length" in str(exc) else "prompt"
-            raise APIError(400, str(exc), param=param) from exc
+            if "context length" not in str(exc):
+                raise APIError(400, str(exc), param="prompt") from exc
+            # Name the field the client sent (chat's max_completion_tokens, say), in the message too.
+            raise APIError(400, str(exc).replace("max_tokens", max_tokens_field), param=max_tokens_field) from exc
 
-    def _start(self, request_id: str, prompts: list[Prompt], params: SamplingParams) -> list[RequestStream]:
+    def check_request(self, prompts: list[Prompt], params: SamplingParams,
+                      max_tokens_field: str = "max_tokens") -> None:
+        """The per-request limits of docs/limits.md, on every path (also where no model runs)."""
         if len(prompts) * params.n > MAX_CHOICES:
             raise APIError(400, f"{len(prompts)} prompts x n={params.n} exceeds {MAX_CHOICES} choices per request",
                            param="n")
         for prompt in prompts:
-            self._validate_prompt(prompt, params)
-        waiting = self.engine.num_unfinished - self.engine.scheduler.num_running
+            self._validate_prompt(prompt, params, max_tokens_field)
+
+    def _start(self, request_id: str, prompts: list[Prompt], params: SamplingParams,
+               max_tokens_field: str = "max_tokens") -> list[RequestStream]:
+        self.check_request(prompts, params, max_tokens_field)
+        waiting = self.engine.num_requests_waiting  # requests, not samples: an n=16 request counts once
         if waiting >= self.limits.max_queued_requests:
             raise APIError(503, f"the server is busy: {waiting} requests are waiting (limit "
                                 f"{self.limits.max_queued_requests}); retry later", "ServiceUnavailableError",
@@ -126,7 +135,7 @@ class OpenAIServing:
     def _builders(self, prompts: list[Prompt], params: SamplingParams, echo: bool) -> list[ChoiceBuilder]:
         return [ChoiceBuilder(p_idx * params.n + i, self.tokenizer, prompt.token_ids, list(params.stop),
                               params.include_stop_str_in_output, params.skip_special_tokens, params.stop_token_ids,
-                              text_offset_base=len(prompt.text) if echo else 0)
+                              text_offset_base=len(prompt.text) if echo else 0, min_tokens=params.min_tokens)
                 for p_idx, prompt in enumerate(prompts) for i in range(params.n)]
 
     async def _outputs(self, request_id: str, streams: list[RequestStream],
@@ -211,8 +220,7 @@ def sse_response(outputs: AsyncIterator[tuple[ChoiceBuilder, str, SequenceOutput
             yield closing()
         yield sse("[DONE]")
 
-    return StreamingResponse(events(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
 
 
 def field_in(message: str) -> str | None:

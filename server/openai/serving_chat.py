@@ -55,7 +55,8 @@ class OpenAIServingChat(OpenAIServing):
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         model = self.limits.served_model_name
-        streams = self._start(request_id, [prompt], params)
+        field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        streams = self._start(request_id, [prompt], params, field)
         builders = self._builders([prompt], params, echo=False)
         outputs = self._outputs(request_id, streams, builders)
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import AsyncIterator
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from server.openai.choice import ChoiceBuilder
 from server.openai.protocol import (
@@ -17,7 +18,25 @@ from server.openai.protocol import (
     CompletionStreamResponse,
     UsageInfo,
 )
-from server.openai.serving import APIError, OpenAIServing, Prompt, check_unicode, drain, sse, sse_response
+from server.openai.serving import (
+    SSE_HEADERS,
+    APIError,
+    OpenAIServing,
+    Prompt,
+    check_unicode,
+    drain,
+    sse,
+    sse_response,
+)
+from server.tokenizer import Tokenizer
+
+
+def top_dict(tokenizer: Tokenizer, token_id: int, logprob: float, top: list[tuple[int, float]]) -> dict[str, float]:
+    """One position's `top_logprobs`: the k most likely tokens and always the chosen one (OpenAI: "up to
+    logprobs+1 elements"; vLLM does the same)."""
+    entries = {tokenizer.token_text(t): lp for t, lp in top}
+    entries.setdefault(tokenizer.token_text(token_id), logprob)
+    return entries
 
 
 class OpenAIServingCompletion(OpenAIServing):
@@ -48,13 +67,10 @@ class OpenAIServingCompletion(OpenAIServing):
         request_id = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         model = self.limits.served_model_name
-        if req.max_tokens == 0:  # echo only: score nothing, return the prompt
-            choices = [CompletionChoice(index=i * req.n + j, text=p.text, finish_reason="length")
-                       for i, p in enumerate(prompts) for j in range(req.n)]
-            echo_usage = UsageInfo.of(sum(len(p.token_ids) for p in prompts), 0)
-            return JSONResponse(CompletionResponse(id=request_id, created=created, model=model, choices=choices,
-                                                   usage=echo_usage).model_dump())
         params = self._sampling_params(req, req.max_tokens, req.logprobs)
+        if req.max_tokens == 0:  # echo only: no model run, but the same limits as any request
+            self.check_request(prompts, params)
+            return self._echo_only(req, prompts, request_id, created)
         streams = self._start(request_id, prompts, params)
         builders = self._builders(prompts, params, req.echo)
         num_prompt_tokens = sum(len(p.token_ids) for p in prompts)
@@ -67,7 +83,7 @@ class OpenAIServingCompletion(OpenAIServing):
             text = self.tokenizer.token_text
             return CompletionLogprobs(
                 tokens=[text(e.token_id) for e in entries], token_logprobs=[e.logprob for e in entries],
-                top_logprobs=[{text(t): lp for t, lp in e.top} for e in entries],
+                top_logprobs=[top_dict(self.tokenizer, e.token_id, e.logprob, e.top) for e in entries],
                 text_offset=[e.text_offset for e in entries])
 
         def usage() -> UsageInfo:
@@ -103,3 +119,26 @@ class OpenAIServingCompletion(OpenAIServing):
                 return sse(CompletionStreamResponse(id=request_id, created=created, model=model, choices=[],
                                                      usage=usage()))
         return sse_response(outputs, builders, opening, delta, closing)
+
+    def _echo_only(self, req: CompletionRequest, prompts: list[Prompt], request_id: str, created: int) -> Response:
+        """max_tokens 0 with echo: each choice is its prompt, as one JSON body or as SSE like any stream."""
+        model = self.limits.served_model_name
+        choices = [CompletionChoice(index=i * req.n + j, text=p.text, finish_reason="length")
+                   for i, p in enumerate(prompts) for j in range(req.n)]
+        usage = UsageInfo.of(sum(len(p.token_ids) for p in prompts), 0)
+        if not req.stream:
+            return JSONResponse(CompletionResponse(id=request_id, created=created, model=model, choices=choices,
+                                                   usage=usage).model_dump())
+        continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
+        events = [sse(CompletionStreamResponse(id=request_id, created=created, model=model, choices=[c],
+                                               usage=usage if continuous else None)) for c in choices]
+        if req.stream_options and req.stream_options.include_usage:
+            events.append(sse(CompletionStreamResponse(id=request_id, created=created, model=model, choices=[],
+                                                       usage=usage)))
+        events.append(sse("[DONE]"))
+
+        async def body() -> AsyncIterator[str]:
+            for event in events:
+                yield event
+
+        return StreamingResponse(body(), media_type="text/event-stream", headers=SSE_HEADERS)

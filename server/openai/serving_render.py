@@ -29,7 +29,6 @@ def vllm_sampling_params(params: SamplingParams) -> dict[str, Any]:
     pairs = params.logit_bias
     assert isinstance(pairs, tuple), "SamplingParams normalises logit_bias to pairs"
     fields["logit_bias"] = {str(t): b for t, b in pairs} or None
-    fields["prompt_logprobs"] = None
     return fields
 
 

@@ -33,7 +33,7 @@ class TextContentPart(StrictModel):
 class ChatMessage(StrictModel):
     """One input message. `name` is accepted, but ChatML has no place for it, so it is not rendered."""
 
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant"]  # developer: OpenAI's newer name for system
     content: str | list[TextContentPart]
     name: str | None = None
 
@@ -74,8 +74,8 @@ class ResponseFormat(StrictModel):
 
 
 def chat_template_input(messages: list[ChatMessage]) -> list[dict[str, str]]:
-    """Messages as the role/content dicts `Tokenizer.apply_chat_template` takes."""
-    return [{"role": m.role, "content": m.text} for m in messages]
+    """Messages as the role/content dicts `Tokenizer.apply_chat_template` takes; "developer" renders as system."""
+    return [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in messages]
 
 
 class ChatCompletionRequest(SamplingRequest):

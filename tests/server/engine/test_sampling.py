@@ -34,7 +34,7 @@ def _states(*params: SamplingParams, device: str = "cpu") -> list[SamplingState]
         ("logit_bias", {5: 101.0}), ("logit_bias", {5: -100.5}), ("logit_bias", {"x": 1.0}),
         ("logit_bias", ((1.5, 1.0),)),
         ("seed", 1.5), ("seed", 2**64),
-        ("max_tokens", 0), ("max_tokens", -5),
+        ("max_tokens", -1), ("prompt_logprobs", 21), ("max_tokens", -5),
         ("min_tokens", -1), ("min_tokens", 17),  # > max_tokens (16)
         ("stop_token_ids", (1, "a")),
         ("ignore_eos", 1),
