@@ -14,6 +14,7 @@ from torch import nn
 from model.layers import StackedExperts
 from model.ops.linear import PlainLinear
 from model.ops.moe_experts import TorchExperts, select_experts
+from model.ops.moe_grouped import count_experts
 
 
 class MoE(nn.Module):
@@ -60,5 +61,5 @@ class MoE(nn.Module):
         out = self._experts.shared(self.shared_experts, x)
         weights, experts = self.route(x)  # [T, K] each
         if expert_counts is not None:
-            expert_counts += torch.bincount(experts.flatten(), minlength=self.num_routed_experts)
+            expert_counts += count_experts(experts, self.num_routed_experts)  # no host sync (CUDA graphs)
         return self._experts.routed(self.routed_experts, x, weights, experts, out)

@@ -3,13 +3,14 @@
 Shapes: B decode sequences, H heads, L latent, R rope width per head, F = L + H*R cache entry width,
 S decode context (padded to whole blocks).
 
-Both backends compute, per sequence and head, softmax(scale * (q_lat . c_s + q_rope . k_rope_s)) over the
+All backends compute, per sequence and head, softmax(scale * (q_lat . c_s + q_rope . k_rope_s)) over the
 sequence's cached entries [c_s | k_rope_s] and return the softmax-weighted latent sum_s p_s c_s [B, H, L];
 the caller folds W_k into q_lat before and expands with W_v after (model/attention.py, weight absorption).
 `TorchMLADecode` (every device and dtype, the oracle) gathers whole blocks and runs two batched GEMMs.
 `CppMLADecode` (CPU, bfloat16/float32; model/csrc/mla_decode.cpp) reads each entry in place through the
 block table, once for all heads, with an online softmax in float32, and splits long contexts of small
-batches so every thread works.
+batches so every thread works. `TritonMLADecode` (CUDA; model/ops/triton/mla_decode.py) does the same per
+(sequence, context split) program, graph-safe.
 """
 
 from __future__ import annotations
@@ -81,6 +82,39 @@ class CppMLADecode(TorchMLADecode):
         return out.to(q_lat.dtype)
 
 
+class TritonMLADecode(TorchMLADecode):
+    """CUDA: the split-context Triton kernel (model/ops/triton/mla_decode.py). Reads each entry in place through
+    the block table, only up to each sequence's context, once for all heads; no host sync (CUDA graphs)."""
+
+    name = "triton"
+
+    def __init__(self) -> None:
+        from model.ops.triton.mla_decode import mla_decode  # needs the triton package: only when chosen
+
+        self._kernel = mla_decode
+
+    def mix(self, q_lat: torch.Tensor, q_rope: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata,
+            scale: float) -> torch.Tensor:
+        return self._kernel(q_lat, q_rope, cache, meta.decode_block_tables, meta.decode_context_lens, scale)
+
+
+def _triton_usable(device: torch.device, dtype: torch.dtype) -> bool:
+    """The Triton kernel against the torch path on a small ragged case on this device."""
+    try:
+        g = torch.Generator().manual_seed(0)
+        heads, latent, rope, block = 2, 16, 8, 4
+        cache = torch.randn(6, block, latent + heads * rope, generator=g).to(device, dtype)
+        meta = AttentionMetadata.build([1, 1], [7, 9], [[1, 3], [2, 4, 5]], block, device)
+        q_lat = torch.randn(2, heads, latent, generator=g).to(device, dtype)
+        q_rope = torch.randn(2, heads, rope, generator=g).to(device, dtype)
+        want = TorchMLADecode().mix(q_lat.float(), q_rope.float(), cache.float(), meta, 0.25)
+        got = TritonMLADecode().mix(q_lat, q_rope, cache, meta, 0.25).float()
+    except Exception as exc:  # no triton, no C compiler for its launcher, an unsupported GPU: all mean "not here"
+        logger.warning("Triton MLA decode unusable on %s %s (%s: %s)", device, dtype, type(exc).__name__, exc)
+        return False
+    return torch.allclose(got, want, atol=2e-2 if dtype != torch.float32 else 1e-5, rtol=2e-2)
+
+
 def _self_check(dtype: torch.dtype) -> bool:
     """The kernel against the torch path on a small ragged case (two splits, a partial block)."""
     g = torch.Generator().manual_seed(0)
@@ -95,7 +129,7 @@ def _self_check(dtype: torch.dtype) -> bool:
     return torch.allclose(got, want, atol=1e-2 if dtype == torch.bfloat16 else 1e-5, rtol=1e-2)
 
 
-BACKENDS = ("auto", "torch", "cpp")
+BACKENDS = ("auto", "torch", "cpp", "triton")
 
 
 @functools.cache
@@ -104,6 +138,12 @@ def select_mla_decode(device: torch.device, dtype: torch.dtype, name: str = "aut
     from model.ops import cpu_extension  # imported here: `python -m model.ops.cpu_extension` imports model first
 
     assert name in BACKENDS, f"unknown MLA decode backend {name!r}, expected one of {BACKENDS}"
+    if device.type == "cuda" and name in ("auto", "triton"):
+        if _triton_usable(device, dtype):
+            logger.info("MLA decode backend for %s %s: triton", device, dtype)
+            return TritonMLADecode()
+        if name == "triton":
+            raise ValueError(f"MLA decode backend triton is not usable on {device} with {dtype}")
     usable = (name != "torch" and device.type == "cpu" and dtype in (torch.bfloat16, torch.float32)
               and cpu_extension.load())
     if usable and not _self_check(dtype):

@@ -93,7 +93,7 @@ def _self_check(dtype: torch.dtype) -> bool:
     return torch.allclose(got, want, atol=1e-2 if dtype == torch.bfloat16 else 1e-5, rtol=1e-2)
 
 
-BACKENDS = ("auto", "torch", "cpp")
+BACKENDS = ("auto", "torch", "cpp", "grouped-mm", "dense-masked")
 
 
 @functools.cache
@@ -102,6 +102,12 @@ def select_experts(device: torch.device, dtype: torch.dtype, dense_weights: bool
     from model.ops import cpu_extension  # imported here: `python -m model.ops.cpu_extension` imports model first
 
     assert name in BACKENDS, f"unknown MoE experts backend {name!r}, expected one of {BACKENDS}"
+    if name in ("grouped-mm", "dense-masked") or (name == "auto" and device.type == "cuda"):
+        # CUDA: the graph-safe backends (decode steps run as CUDA graphs), on the plain backend's dense weights.
+        from model.ops.moe_grouped import select_graph_safe_experts
+
+        assert dense_weights, "the graph-safe MoE backends need the dense stacked expert weights"
+        return select_graph_safe_experts(device, dtype, "auto" if name == "auto" else name)
     usable = (name != "torch" and dense_weights and device.type == "cpu" and dtype in (torch.bfloat16, torch.float32)
               and cpu_extension.load())
     if usable and not _self_check(dtype):

@@ -93,3 +93,17 @@ def test_num_splits_fills_the_gpu_without_tiny_splits() -> None:
     assert num_splits_for(256, 2048) == 2
     assert num_splits_for(512, 2048) == 1
     assert num_splits_for(4, 40) == 2  # never a split shorter than one iteration
+
+
+def test_backend_through_attention_metadata_matches_the_torch_backend() -> None:
+    """The registered backend (model/ops/mla_decode.py) reads block tables and context lengths from the metadata."""
+    from model.metadata import AttentionMetadata
+    from model.ops.mla_decode import TorchMLADecode, TritonMLADecode
+
+    lens = [9, 1, 26]
+    q_lat, q_rope, cache, tables, _ = make_case(4, lens, heads=3, latent=16, rope=8, bs=4, num_blocks=16,
+                                                dtype=torch.float32)
+    meta = AttentionMetadata.build([1] * len(lens), lens, tables, 4, DEVICE)
+    args = (q_lat.to(DEVICE), q_rope.to(DEVICE), cache.to(DEVICE), meta, 0.2)
+    torch.testing.assert_close(TritonMLADecode().mix(*args).cpu(), TorchMLADecode().mix(*args).cpu(),
+                               atol=1e-5, rtol=1e-5)

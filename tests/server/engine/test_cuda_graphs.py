@@ -152,3 +152,29 @@ def test_engine_through_the_static_decode_path_generates_the_same_tokens() -> No
         finally:
             e.shutdown()
     assert outputs[0] == outputs[1]
+
+
+def test_no_host_sync_in_the_decode_forward() -> None:
+    """torch.compile(fullgraph=True) over the static decode forward fails on any host sync or data-dependent shape.
+
+    With the graph-safe backends CUDA uses (masked-dense experts: the grouped GEMM's tracing wants bf16; the torch
+    decode attention: the CPU kernel is an opaque extension op)."""
+    import dataclasses
+
+    from model.ops.mla_decode import TorchMLADecode
+    from model.ops.moe_grouped import DenseMaskedExperts
+
+    m = load_model(None, dtype=torch.float32, config=TINY)
+    randomise(m, 3)
+    for layer in m.decoder_layers:
+        layer.self_attn._prepared = dataclasses.replace(layer.self_attn._prepared, decode=TorchMLADecode())
+        layer.mlp.moe._experts = DenseMaskedExperts()
+    ids, lens, tables = random_step(random.Random(3), 3)
+    want, _ = eager(m, random_cache(4), ids, lens, tables)
+    runner = make_runner(m, random_cache(4))
+    bucket = runner.bucket_for(3)
+    runner._fill_host(ids, [n - 1 for n in lens], lens, tables, 3, bucket)
+    runner._device.copy_(runner._host)
+    torch._dynamo.reset()
+    got = torch.compile(runner._forward, fullgraph=True, backend="eager")(bucket)
+    torch.testing.assert_close(got[:3], want, atol=1e-5, rtol=1e-5)
