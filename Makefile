@@ -1,8 +1,14 @@
 # One command to serve, one to test. Every target sets up .venv first if it is missing or stale.
 #   make serve [MODEL=path] [HOST=0.0.0.0] [PORT=8000]
-#   make test | make lint | make bench | make clean | make distclean
+#   make test | make lint | make bench | make bench-peer | make clean | make distclean
 
-PYTHON ?= python3.11
+# The interpreter that builds .venv: the first of python3, python3.13, python3.12, python3.11 on PATH that is
+# Python >= 3.11 (PYTHON=/path/to/python picks another). The install step says so when none is.
+PY_OK  := import sys; sys.exit(sys.version_info < (3, 11))
+ifeq ($(origin PYTHON),undefined)
+PYTHON := $(firstword $(foreach p,python3 python3.13 python3.12 python3.11,$(shell \
+	p=$$(command -v $(p) 2>/dev/null) && "$$p" -c '$(PY_OK)' 2>/dev/null && echo "$$p")))
+endif
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 # Re-install only when the dependency list changes; a second `make install` is a no-op.
@@ -22,7 +28,14 @@ BENCH ?= bench/run_all.py
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@test -x $(BIN)/python || { \
+	  if [ -z "$(PYTHON)" ] || ! "$(PYTHON)" -c '$(PY_OK)' 2>/dev/null; then \
+	    echo "error: building $(VENV) needs Python >= 3.11, but $(if $(PYTHON),$(PYTHON) is \
+	$$("$(PYTHON)" --version 2>&1 || echo 'not runnable'),none of python3 python3.13 python3.12 python3.11 on PATH \
+	is (python3: $$(python3 --version 2>&1 || echo 'not found'))). Install Python 3.11 or newer, or pass PYTHON=/path/to/it." >&2; \
+	    exit 1; \
+	  fi; \
+	  echo "$(PYTHON) -m venv $(VENV)"; "$(PYTHON)" -m venv $(VENV); }
 	$(BIN)/pip install torch==2.13.0
 	$(BIN)/pip install -e '.[dev]'
 	touch $(STAMP)

@@ -12,10 +12,15 @@ import argparse
 import json
 import math
 import random
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+# Run as `python bench/baseline.py`, sys.path starts at bench/: put the repository root first.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from model import CustomLLM, load_model
 from model.layers import apply_rope_, rope_cos_sin

@@ -20,10 +20,14 @@ import json
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
 import requests
+
+# Run as `python bench/fuzz.py`, sys.path starts at bench/: put the repository root first.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 # Strings that would mean an error body leaks implementation details.
 LEAK_MARKERS = ("Traceback", '.py"', ".py:", "/work/", "site-packages", 'File "')
@@ -218,10 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         return report
 
     if args.start_server:
-        try:
-            from bench.local_server import local_server
-        except ImportError:  # run as `python bench/fuzz.py`: bench/ itself is on sys.path
-            from local_server import local_server  # type: ignore[no-redef]
+        from bench.local_server import local_server
         with local_server(args.model, ["--max-model-len", str(args.max_model_len)]) as server:
             report = run(server.url)
     else:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
 
 # The bundled tokenizer's vocabulary, everything else tiny: a step takes milliseconds on a CPU.
 TINY_CONFIG = dict(vocab_size=49152, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, latent_dim=16,
@@ -58,7 +61,9 @@ def local_server(model: str | None, extra_args: list[str], startup_timeout: floa
         port = free_port()
         cmd = [sys.executable, "-m", "server", "--model", path, "--host", "127.0.0.1", "--port", str(port),
                "--dtype", "float32", "--device", "cpu", "--log-level", "warning", *extra_args]
-        proc = subprocess.Popen(cmd)
+        # This checkout's server, whether or not the package is installed.
+        env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))}
+        proc = subprocess.Popen(cmd, env=env)
         url = f"http://127.0.0.1:{port}"
         # A SIGTERM to this script must still stop the server: turn it into SystemExit so `finally` runs.
         previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))

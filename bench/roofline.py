@@ -16,10 +16,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
+
+# Run as `python bench/roofline.py`, sys.path starts at bench/: put the repository root first.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.model_step import best_time, decode_step, load_seed_model, make_cache
 from model import ModelConfig, PagedLatentCache

@@ -27,9 +27,13 @@ import json
 import random
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
+
+# Run as `python bench/soak.py`, sys.path starts at bench/: put the repository root first.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 WORDS = ("the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven", "wizards", "quietly",
          "hex", "every", "jovial", "kangaroo", "near", "old", "stone", "bridges", "under", "grey", "autumn", "skies",
@@ -397,10 +401,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_soak(url, cfg)
 
     if args.start_server:
-        try:
-            from bench.local_server import local_server
-        except ImportError:  # run as `python bench/soak.py`: bench/ itself is on sys.path
-            from local_server import local_server  # type: ignore[no-redef]
+        from bench.local_server import local_server
         extra = ["--max-num-seqs", str(max(args.concurrency * 2, 64)), "--kv-cache-tokens", "65536"]
         with local_server(args.model, extra) as server:
             report = run(server.url, server.pid)
