@@ -22,8 +22,9 @@ MODEL ?=
 HOST  ?= 127.0.0.1
 PORT  ?= 8000
 BENCH ?= bench/run_all.py
+PEER_ARGS ?=
 
-.PHONY: install serve test lint typecheck bench clean distclean
+.PHONY: install serve test lint typecheck bench bench-peer clean distclean
 
 install: $(STAMP)
 
@@ -58,6 +59,12 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python $(BENCH)
+
+# vLLM's CPU backend next to this server (bench/peer.py): vLLM goes into its own venv under
+# ~/.cache/customllm-bench (CUSTOMLLM_BENCH_CACHE), never into .venv. PEER_ARGS='--skip-vllm' etc.
+bench-peer: $(STAMP)
+	$(BIN)/pip install -q -e '.[bench]'
+	$(BIN)/python bench/peer.py $(PEER_ARGS)
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -11,7 +11,8 @@ from typing import TypeVar
 
 import torch
 
-from model import ModelConfig, PagedLatentCache, load_model
+from model import CustomLLM, ModelConfig, PagedLatentCache, load_model
+from model.ops.quantized_linear import QUANTIZATIONS, select_quantized_backend
 from server.engine.cuda_graphs import DecodeGraphRunner
 from server.engine.engine import Engine
 from server.engine.model_runner import ModelRunner
@@ -99,7 +100,23 @@ def off_main_thread(fn: Callable[[], _T]) -> _T:
         return pool.submit(fn).result()
 
 
+def load_quantized(model_path: str | None, dtype: torch.dtype, device: torch.device, seed: int,
+                   quantization: str, config: ModelConfig | None = None) -> CustomLLM:
+    """Load the model and, for a quantization other than "none", re-prepare it on that backend.
+
+    The loader prepares the float backend; re-preparing restores its dense weights first (exactly), so the
+    int8 weights are quantized from the checkpoint's values, and the dense expert weights are then released.
+    """
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"--quantization must be one of {', '.join(QUANTIZATIONS)}, got {quantization!r}")
+    model = load_model(model_path, dtype=dtype, device=device, seed=seed, config=config)
+    if quantization != "none":
+        model.prepare_for_inference(select_quantized_backend(device, dtype, quantization))
+    return model
+
+
 def build_engine(model_path: str | None, *, dtype: str = "auto", device: str = "auto", seed: int = 0,
+                 quantization: str = "none",
                  kv_cache_tokens: str | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
                  max_model_len: int | None = None, block_size: int = 16, enable_prefix_caching: bool = True,
                  eos_token_id: int = 0, metrics: ServerMetrics | None = None,
@@ -114,8 +131,8 @@ def build_engine(model_path: str | None, *, dtype: str = "auto", device: str = "
     if model_path is None:
         logger.warning("\n" + "!" * 78 + "\n!! No --model given: serving the seed architecture with RANDOM weights. "
                        "Its output is\n!! noise. Pass --model PATH to serve a trained checkpoint.\n" + "!" * 78)
-    model = off_main_thread(lambda: load_model(model_path, dtype=torch_dtype, device=torch_device, seed=seed,
-                                               config=model_config))
+    model = off_main_thread(lambda: load_quantized(model_path, torch_dtype, torch_device, seed, quantization,
+                                                   model_config))
     config = model.config
     max_len = max_model_len or config.max_position_embeddings
     if max_len > config.max_position_embeddings:
@@ -144,10 +161,11 @@ def build_engine(model_path: str | None, *, dtype: str = "auto", device: str = "
     # With CUDA graphs one block more than the scheduler knows of: the scratch block padding rows write.
     cache = off_main_thread(lambda: PagedLatentCache(config, num_blocks + use_graphs, block_size, torch_dtype,
                                                      torch_device))
-    logger.info("model: %s params, %s on %s; KV cache: %d tokens (%d blocks of %d), %s bytes per token "
-                "(%.1f KB), %.2f GiB, sized by %s", f"{sum(p.numel() for p in model.parameters()):,}", torch_dtype,
-                torch_device, num_blocks * block_size, num_blocks, block_size, f"{per_token:,}", per_token / 1000,
-                per_token * num_blocks * block_size / 2**30, sized_by)
+    logger.info("model: %s params, %s on %s, linear backend %s; KV cache: %d tokens (%d blocks of %d), "
+                "%s bytes per token (%.1f KB), %.2f GiB, sized by %s",
+                f"{sum(p.numel() for p in model.parameters()):,}", torch_dtype, torch_device,
+                getattr(model.linear_backend, "name", "none"), num_blocks * block_size, num_blocks, block_size,
+                f"{per_token:,}", per_token / 1000, per_token * num_blocks * block_size / 2**30, sized_by)
     decode_runner = None
     if use_graphs:
         decode_runner = DecodeGraphRunner(model, cache.layers, max_num_seqs=max_num_seqs,
