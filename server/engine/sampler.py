@@ -1,7 +1,7 @@
 """The batched sampler: one token per row of logits [B, V] (B rows being sampled, V vocabulary size).
 
 Raw logprobs -> the logits processors (server/engine/logits_processors.py) -> greedy argmax, or an
-inverse-CDF draw (one uniform per row).
+exponential race (Gumbel-max: one Exp(1) draw per token of the row).
 """
 
 from dataclasses import dataclass
@@ -14,17 +14,18 @@ from server.engine.sampler_state import SamplingState
 from server.engine.sampling_params import SamplingParams
 
 
-def _inverse_cdf_(logits: Tensor, u: Tensor) -> Tensor:
-    """Token ids [R], one drawn per row of softmax(logits) [R, V] with its uniform u [R] in [0, 1): the first
-    token whose cumulative probability exceeds u. One exp and one cumsum, in place over logits; no per-token
-    noise. The cumulative sum is left unnormalised (u is scaled by the row total instead)."""
-    cdf = logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_().cumsum_(dim=-1)  # [R, V]
-    total = cdf[:, -1:]
-    target = (u[:, None] * total).to(cdf.dtype)
-    # Strictly below the total, so the search stops at a token of non-zero probability.
-    target = torch.minimum(target, total.nextafter(torch.zeros_like(total)))
-    ids = torch.searchsorted(cdf, target, right=True)[:, 0]  # first index with cdf > target
-    return ids.clamp_(max=logits.shape[1] - 1)
+def _exponential_race_(logits: Tensor, noise: Tensor) -> Tensor:
+    """Token ids [R], one drawn per row of softmax(logits) [R, V], given noise [R, V] of Exp(1) draws: the
+    argmax of p_i / E_i, i.e. of logits_i - log(E_i). In place over logits and noise.
+
+    NOTE: why not an inverse-CDF walk (one uniform per row): the cumulative sum over V ~ 49k tokens moves every
+    boundary by the last-bit noise of the logits, and the lm_head / MoE kernels give the same sequence
+    logits that differ by ~1e-6..2e-5 between batch 1 and batch 2+ or a prefix-cache hit; the walk then lands
+    on another token whenever u falls within that noise of any boundary (measured: 2 of 24 seeded 120-token
+    requests changed beside others). The race changes its winner only when the two best perturbed scores are
+    within that noise of each other: a true near-tie, so replays match far more often (README, "Seeds").
+    """
+    return logits.sub_(noise.log_()).argmax(dim=-1)  # -inf (filtered) tokens stay -inf
 
 
 @dataclass
@@ -85,7 +86,7 @@ class Sampler:
             rand_idx = None if all_random else to_device(random_rows, torch.long, dev)
             xr = x if rand_idx is None else x[rand_idx]  # [R, V], ours to modify
             temperature_and_filters_(xr, [params[r] for r in random_rows])
-            sampled = _inverse_cdf_(xr, self._draw_uniform(states, random_rows, dev))  # [R]
+            sampled = _exponential_race_(xr, self._draw_noise(states, random_rows, xr))  # [R]
             if rand_idx is None:
                 tokens = sampled
             else:
@@ -99,26 +100,29 @@ class Sampler:
             self._fill_logprobs(out, raw_lp, tokens, lp_rows, params)
         return out
 
-    def _draw_uniform(self, states: list[SamplingState], random_rows: list[int], dev: torch.device) -> Tensor:
-        """One U[0, 1) draw [R] per sampled row: seeded rows from their own generator, the rest in one call.
+    def _draw_noise(self, states: list[SamplingState], random_rows: list[int], like: Tensor) -> Tensor:
+        """Exp(1) noise [R, V] for the sampled rows: seeded rows from their own generator, the rest in one call.
 
-        A seeded row takes exactly one draw per step from its own stream, so its tokens do not depend on
-        what else is in the batch.
+        A seeded row takes exactly V draws per step from its own stream, so its tokens do not depend on what
+        else is in the batch.
         """
-        u = torch.empty(len(random_rows), dtype=torch.float64, device=dev)
+        noise = torch.empty(like.shape, dtype=torch.float32, device=like.device)  # [R, V]
         seeded = [j for j, r in enumerate(random_rows) if states[r].generator is not None]
         unseeded = [j for j, r in enumerate(random_rows) if states[r].generator is None]
+        dev = like.device
         if unseeded:
-            draws = torch.rand(len(unseeded), dtype=torch.float64, device=dev,
-                               generator=self._default_generator(dev))
             if len(unseeded) == len(random_rows):
-                return draws
-            u[to_device(unseeded, torch.long, dev)] = draws
+                return noise.exponential_(generator=self._default_generator(dev))
+            draws = torch.empty(len(unseeded), like.shape[1], dtype=torch.float32, device=dev)
+            noise[to_device(unseeded, torch.long, dev)] = draws.exponential_(generator=self._default_generator(dev))
         for j in seeded:
             g = states[random_rows[j]].generator
             assert g is not None
-            u[j] = torch.rand(1, dtype=torch.float64, device=g.device, generator=g).to(dev)[0]
-        return u
+            if g.device == noise.device:
+                noise[j].exponential_(generator=g)
+            else:
+                noise[j] = torch.empty(like.shape[1], device=g.device).exponential_(generator=g).to(dev)
+        return noise
 
     @staticmethod
     def _fill_logprobs(
