@@ -324,7 +324,7 @@ def test_pyproject_declares_script_package_data_and_dependencies() -> None:
     assert project["name"] == "customllm-server"
     assert project["scripts"]["customllm-server"] == "server.cli:main"
     setuptools_cfg = project_file["tool"]["setuptools"]
-    assert set(setuptools_cfg["packages"]) == {"model", "server"}
+    assert set(setuptools_cfg["packages"]["find"]["include"]) == {"model", "model.*", "server", "server.*"}
     assert "tokenizer.json" in setuptools_cfg["package-data"]["server"]
     deps = {re.split(r"[<>=!~\[ ]", d, maxsplit=1)[0].lower(): d for d in project["dependencies"]}
     # A hard torch pin would fight the CUDA build a GPU user installs; the Makefile pins instead.
@@ -362,7 +362,12 @@ def test_wheel_carries_tokenizer_console_script_and_notice(tmp_path: Path) -> No
     with zipfile.ZipFile(wheel) as zf:
         names = set(zf.namelist())
         assert "server/tokenizer.json" in names
-        assert "server/metrics.py" in names
+        # Every module of the tree, subpackages included (a non-editable install has nothing else).
+        modules = {p.relative_to(src).as_posix() for package in ("model", "server")
+                   for p in (src / package).rglob("*.py")}
+        assert modules and modules <= names, f"the wheel lacks {sorted(modules - names)[:5]}"
+        sources = {p.relative_to(src).as_posix() for p in (src / "model" / "csrc").glob("*.[ch]*")}
+        assert sources <= names, f"the wheel lacks the CPU extension's sources {sorted(sources - names)}"
         entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
         assert "customllm-server = server.cli:main" in zf.read(entry_points).decode()
         assert any(n.endswith("licenses/NOTICE") for n in names)
