@@ -82,7 +82,8 @@ def _self_check(device: torch.device, dtype: torch.dtype) -> bool:
         experts.down.copy_(0.3 * torch.randn(experts.down.shape, generator=g))
     experts = experts.to(device, dtype)
     x = torch.randn(tokens, hidden, generator=g).to(device, dtype)
-    ids = torch.tensor([[0, 2], [2, 0], [3, 0], [0, 3], [2, 3], [3, 2]], device=device)  # expert 1: none
+    # Groups of 3, 0, 5 and 4 pairs: an empty one and sizes that are not multiples of anything.
+    ids = torch.tensor([[0, 2], [2, 0], [3, 0], [2, 3], [2, 3], [3, 2]], device=device)
     weights = torch.rand(tokens, 2, generator=g).to(device)
     with torch.no_grad():
         want = DenseMaskedExperts().routed(experts, x, weights, ids, torch.zeros_like(x)).float()

@@ -24,6 +24,7 @@ import triton.language as tl
 
 _BLOCK_N = 32  # context tokens per inner iteration: 32 rows x 576 x 2 bytes = 36 KB of cache per load
 _TARGET_PROGRAMS = 264  # about two programs per SM on an H200 (132 SMs), so short batches still fill the chip
+# NOTE: tile sizes, split count and warps are untuned: no GPU has run this kernel yet (bench/gpu_check.sh times it).
 
 
 @triton.jit
@@ -36,7 +37,7 @@ def _split_kernel(q_lat_ptr, q_rope_ptr, cache_ptr, tables_ptr, lens_ptr, part_p
                   PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     b = tl.program_id(0)
     s = tl.program_id(1)
-    ctx_len = tl.load(lens_ptr + b)
+    ctx_len = tl.load(lens_ptr + b).to(tl.int32)  # the loop bounds in one integer type
     start = s * SPLIT_LEN
     end = tl.minimum(start + SPLIT_LEN, ctx_len)
 
