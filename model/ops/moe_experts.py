@@ -102,11 +102,13 @@ def select_experts(device: torch.device, dtype: torch.dtype, dense_weights: bool
     from model.ops import cpu_extension  # imported here: `python -m model.ops.cpu_extension` imports model first
 
     assert name in BACKENDS, f"unknown MoE experts backend {name!r}, expected one of {BACKENDS}"
-    if name in ("grouped-mm", "dense-masked") or (name == "auto" and device.type == "cuda"):
+    if name in ("grouped-mm", "dense-masked") or (name == "auto" and device.type == "cuda" and dense_weights):
         # CUDA: the graph-safe backends (decode steps run as CUDA graphs), on the plain backend's dense weights.
+        # Without them (int8 weights on CUDA) the torch path runs; its host syncs then keep decode eager.
         from model.ops.moe_grouped import select_graph_safe_experts
 
-        assert dense_weights, "the graph-safe MoE backends need the dense stacked expert weights"
+        if not dense_weights:
+            raise ValueError(f"MoE experts backend {name} needs the dense stacked expert weights")
         return select_graph_safe_experts(device, dtype, "auto" if name == "auto" else name)
     usable = (name != "torch" and dense_weights and device.type == "cpu" and dtype in (torch.bfloat16, torch.float32)
               and cpu_extension.load())
