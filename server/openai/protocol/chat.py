@@ -89,6 +89,11 @@ class ChatCompletionRequest(SamplingRequest):
     response_format: ResponseFormat | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
+    # Router-added (see ROUTER_FIELDS): this server renders no reasoning and never continues the last message.
+    continue_final_message: bool = False
+    separate_reasoning: bool = True
+    stream_reasoning: bool = True
+    include_reasoning: bool = True
 
     @model_validator(mode="after")
     def _check_fields(self) -> Self:

@@ -63,6 +63,11 @@ def check_token_ids(name: str, ids: Any) -> None:
 TokenId = Annotated[int, Field(ge=0)]
 
 
+# Router-added fields and their no-op values (the chat ones are declared in chat.py).
+ROUTER_FIELDS = {"no_stop_trim": False, "return_hidden_states": False, "continue_final_message": False,
+                 "separate_reasoning": True, "stream_reasoning": True, "include_reasoning": True}
+
+
 class StreamOptions(StrictModel):
     """`stream_options`: usage in the last chunk (include_usage) or in every chunk (continuous)."""
 
@@ -94,6 +99,10 @@ class SamplingRequest(StrictModel):
     stop_token_ids: list[TokenId] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # Fields a router adds when it re-serialises a request (vllm-router, SGLang's gateway send them on every
+    # request, at these values): known, so the request is not refused, and only their no-op value is accepted.
+    no_stop_trim: bool = False
+    return_hidden_states: bool = False
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -132,6 +141,9 @@ class SamplingRequest(StrictModel):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
     def _check_common(self, max_tokens: int | None) -> None:
+        for name, noop in ROUTER_FIELDS.items():
+            if name in type(self).model_fields and getattr(self, name) != noop:
+                raise FieldError(name, f"{name}={getattr(self, name)!r} is not supported (only {noop!r})")
         if self.stream_options is not None and not self.stream:
             raise FieldError("stream_options", "stream_options is only allowed when stream is true")
         if max_tokens is not None and self.min_tokens > max_tokens:

@@ -71,3 +71,20 @@ def test_get_load_counts_the_requests_in_flight(server: LiveServer, http: httpx.
         next(stream.iter_lines())  # the first chunk: the request is running
         load = http.get("/get_load").json()
     assert load["load"] == 1 and load["num_reqs"] + load["num_waiting_reqs"] == 1
+
+
+def test_the_fields_a_router_adds_are_accepted_at_their_no_op_values(http: httpx.Client) -> None:
+    # What vllm-router 0.1.17 sends on every request it forwards (recorded from its traffic).
+    completion = {"prompt": "Hello world", "max_tokens": 2, "stream": False, "echo": False, "no_stop_trim": False,
+                  "ignore_eos": False, "skip_special_tokens": True, "return_hidden_states": False}
+    chat = {"messages": [{"role": "user", "content": "hi"}], "stream": False, "max_tokens": 2, "logprobs": False,
+            "no_stop_trim": False, "ignore_eos": False, "continue_final_message": False, "skip_special_tokens": True,
+            "separate_reasoning": True, "stream_reasoning": True, "return_hidden_states": False,
+            "include_reasoning": True}
+    for path, body in (("/v1/completions", completion), ("/v1/completions/render", completion),
+                       ("/v1/chat/completions", chat), ("/v1/chat/completions/render", chat)):
+        assert http.post(path, json=body).status_code == 200, (path, http.post(path, json=body).text)
+    refused = http.post("/v1/chat/completions", json=chat | {"continue_final_message": True})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "continue_final_message"
+    refused = http.post("/v1/completions", json=completion | {"return_hidden_states": True})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "return_hidden_states"
