@@ -29,6 +29,7 @@ class _Prepared:
     w_in: torch.Tensor  # [L + H*R + L, D]: kv_proj_d | rope_k | q_proj_d
     w_q: torch.Tensor  # [H*Dh, L]: per head q_proj_u rows | rope_q rows
     w_kv_up: torch.Tensor  # [H*N + H*Dh, L]: k_proj_u | v_proj_u (prefill decompression)
+    w_k: torch.Tensor  # [H, N, L]: k_proj_u per head (decode folds it into the query), in the decode dtype
     w_v_t: torch.Tensor  # [H, L, Dh]: v_proj_u per head, transposed (decode's absorbed value expansion)
     decode: TorchMLADecode  # the latent mix of decode attention (model/ops/mla_decode.py)
 
@@ -64,10 +65,14 @@ class MultiHeadLatentAttention(nn.Module):
             w_q = torch.cat((self.q_proj_u.weight.view(h, n, latent), self.rope_q.weight.view(h, r, latent)), dim=1)
             # Prefill decompression of the context latents: [k_nope (H*N) | v (H*Dh)] in one GEMM.
             w_kv_up = torch.cat((self.k_proj_u.weight, self.v_proj_u.weight))
-            w_v_t = self.v_proj_u.weight.view(h, d, latent).transpose(1, 2).contiguous()
+            decode = select_mla_decode(w_in.device, w_in.dtype)
+            # The absorbed decode's small per-head GEMMs run in the decode backend's dtype (float32 for the
+            # kernel: torch's bfloat16 bmm is a slow path on CPUs without native bfloat16).
+            compute = decode.compute_dtype(w_in.dtype)
+            w_k = self.k_proj_u.weight.view(h, n, latent).to(compute)
+            w_v_t = self.v_proj_u.weight.view(h, d, latent).transpose(1, 2).to(compute).contiguous()
         self._prepared = _Prepared(backend, w_in=backend.prepare(w_in), w_q=backend.prepare(w_q.reshape(h * d, latent)),
-                                   w_kv_up=backend.prepare(w_kv_up), w_v_t=w_v_t,
-                                   decode=select_mla_decode(w_in.device, w_in.dtype))
+                                   w_kv_up=backend.prepare(w_kv_up), w_k=w_k, w_v_t=w_v_t, decode=decode)
         self.o_proj.prepare(backend)
 
     def unprepare(self) -> None:
@@ -142,8 +147,7 @@ class MultiHeadLatentAttention(nn.Module):
           q_nope . (W_k c) = (W_k^T q_nope) . c      -> fold W_k into the query once per token
           sum_s p_s (W_v c_s) = W_v (sum_s p_s c_s)  -> mix latents (the decode backend), then expand once
         """
-        n = self.nope_dim
-        w_k = self.k_proj_u.weight.view(self.num_heads, n, self.latent_dim)
-        q_lat = torch.bmm(q[..., :n].transpose(0, 1), w_k).transpose(0, 1)  # [B, H, L]
-        mixed = prep.decode.mix(q_lat, q[..., n:], cache, meta, self.scale)  # [B, H, L]
-        return torch.bmm(mixed.transpose(0, 1), prep.w_v_t).transpose(0, 1)  # [B, H, Dh]
+        n, compute = self.nope_dim, prep.w_k.dtype
+        q_lat = torch.bmm(q[..., :n].to(compute).transpose(0, 1), prep.w_k).transpose(0, 1)  # [B, H, L]
+        mixed = prep.decode.mix(q_lat, q[..., n:], cache, meta, self.scale)  # [B, H, L], q_lat's dtype
+        return torch.bmm(mixed.transpose(0, 1), prep.w_v_t).transpose(0, 1).to(q.dtype)  # [B, H, Dh]

@@ -34,9 +34,15 @@ class TorchMLADecode:
 
     name = "torch"
 
+    def compute_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The dtype the caller's absorption GEMMs (W_k into q, W_v out of the mix) should run in."""
+        return dtype
+
     def mix(self, q_lat: torch.Tensor, q_rope: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata,
             scale: float) -> torch.Tensor:
-        """q_lat [B, H, L], q_rope [B, H, R] (q's dtype), cache [num_blocks, block_size, F] -> [B, H, L]."""
+        """q_lat [B, H, L], q_rope [B, H, R], cache [num_blocks, block_size, F] -> [B, H, L] in q_lat's dtype."""
+        out_dtype = q_lat.dtype
+        q_lat, q_rope = q_lat.to(cache.dtype), q_rope.to(cache.dtype)  # the GEMMs below run in the cache's dtype
         b, h, latent = q_lat.shape
         r = q_rope.shape[-1]
         # Head h's query over a whole entry [c | k_rope] is [q_lat_h | 0 .. q_rope_h (head h's R slots) .. 0].
@@ -64,7 +70,7 @@ class TorchMLADecode:
                                    beta=0.0 if bias is None else 1.0, alpha=scale)  # [b, H, S]
             probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q_lat.dtype)  # softmax in float32
             torch.bmm(probs, ctx[..., :latent], out=mixed[start:end])
-        return mixed
+        return mixed.to(out_dtype)
 
 
 class CppMLADecode(TorchMLADecode):
@@ -74,6 +80,9 @@ class CppMLADecode(TorchMLADecode):
 
     def __init__(self, num_splits: int = 0) -> None:
         self.num_splits = num_splits  # 0: the kernel picks (more splits for fewer sequences)
+
+    def compute_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        return torch.float32  # the kernel takes and returns float32: no rounding between the three steps
 
     def mix(self, q_lat: torch.Tensor, q_rope: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata,
             scale: float) -> torch.Tensor:
