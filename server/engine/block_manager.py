@@ -132,7 +132,7 @@ class BlockManager:
 
     def _match_prefix(self, seq: Sequence) -> list[int]:
         """Block ids of the longest verified cached prefix of seq, leaving its last token out."""
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or seq.skip_reading_prefix_cache:
             return []
         size = self.block_size
         # The last token is always recomputed: the model needs its logits to sample.

@@ -17,7 +17,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 
 from server.engine.model_runner import ModelRunner, SampledToken
-from server.engine.sampler_state import SamplingState
+from server.engine.sampler_state import PromptLogprob, SamplingState
 from server.engine.sampling_params import SamplingParams
 from server.engine.scheduler import Scheduler, SchedulerConfig
 from server.engine.sequence import Sequence, SequenceStatus
@@ -39,6 +39,8 @@ class SequenceOutput:
     logprobs: list[float] | None = None  # logprob of each new token under the raw model distribution
     top_logprobs: list[list[tuple[int, float]]] | None = None
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    # With the sample's first output, if it asked for them: entry i scores prompt token i (None for token 0).
+    prompt_logprobs: list[PromptLogprob | None] | None = None
 
 
 class RequestStream:
@@ -73,6 +75,8 @@ class RequestStream:
                 if out.top_logprobs is not None and pending.top_logprobs is not None:
                     pending.top_logprobs += out.top_logprobs
                 pending.finish_reason = out.finish_reason
+                if out.prompt_logprobs is not None:
+                    pending.prompt_logprobs = out.prompt_logprobs
         with contextlib.suppress(RuntimeError):  # the consumer's loop is closed: nobody listens any more
             self._loop.call_soon_threadsafe(self._wakeup.set)
 
@@ -200,6 +204,7 @@ class Engine:
             state = _RequestState(stream, index, child, SamplingState(child, prompt_token_ids, self.runner.device),
                                   now)
             seqs.append(Sequence(next(self._seq_ids), request_id, prompt_token_ids, child.max_tokens, now, state))
+            seqs[-1].skip_reading_prefix_cache = child.prompt_logprobs is not None
         with self._lock:
             # Checked again under the lock: the thread may have died since the check above, after which
             # nothing would ever take this request from the inbox.
@@ -285,7 +290,27 @@ class Engine:
         now = self.clock()
         for item in sampled:
             self._append(item, now)
+        for s in out.scheduled:
+            if s.samples and s.seq.max_tokens == 0 and s.seq.status is SequenceStatus.RUNNING:
+                self._finish_prompt_only(s.seq)
         self._report_step(out.num_batched_tokens, expert_counts)
+
+    def _finish_prompt_only(self, seq: Sequence) -> None:
+        """End a max_tokens 0 sequence whose prompt is computed: its prompt logprobs, no token, "length"."""
+        state: _RequestState = seq.data  # type: ignore[assignment]
+        self.scheduler.finish(seq)
+        self._count_finished(seq, "length")
+        lp: list[float] | None = [] if state.params.logprobs is not None else None
+        state.stream.put(SequenceOutput(state.index, [], lp, [] if lp is not None else None, "length",
+                                        self._take_prompt_logprobs(seq)))
+
+    @staticmethod
+    def _take_prompt_logprobs(seq: Sequence) -> list[PromptLogprob | None] | None:
+        """The prompt logprobs, once, when the prompt is computed; the prefix cache is read again afterwards."""
+        sampling: SamplingState = seq.data.sampling  # type: ignore[attr-defined]
+        entries, sampling.prompt_logprobs = sampling.prompt_logprobs, None
+        seq.skip_reading_prefix_cache = False
+        return entries
 
     def _append(self, item: SampledToken, now: float) -> None:
         seq = item.scheduled.seq
@@ -307,7 +332,8 @@ class Engine:
             reason = "length"
         output = SequenceOutput(state.index, [item.token_id],
                                 [item.logprob] if item.logprob is not None else None,
-                                [item.top_logprobs] if item.top_logprobs is not None else None, reason)
+                                [item.top_logprobs] if item.top_logprobs is not None else None, reason,
+                                self._take_prompt_logprobs(seq) if seq.num_generated_tokens == 1 else None)
         if reason is not None:
             self.scheduler.finish(seq)
             self._count_finished(seq, reason)

@@ -9,8 +9,11 @@ import torch
 from model import AttentionMetadata, CustomLLM, PagedLatentCache
 from server.engine.cuda_graphs import DecodeGraphRunner
 from server.engine.sampler import Sampler
-from server.engine.sampler_state import SamplingState
+from server.engine.sampler_state import PromptLogprob, SamplingState
 from server.engine.scheduler import ScheduledSequence
+
+# Prompt rows scored per lm_head call: bounds the float32 logits to 64 x V (12.6 MB at V = 49,152).
+_PROMPT_LOGITS_ROWS = 64
 
 
 @dataclasses.dataclass
@@ -60,7 +63,10 @@ class ModelRunner:
             hidden = self.model(torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device),
                                 meta, self.cache.layers, expert_counts)
 
-        sampling = [i for i, s in enumerate(scheduled) if s.samples]
+        self._prompt_logprobs(scheduled, hidden)
+        # A max_tokens 0 sequence (prompt logprobs only) ends when its prompt is computed: nothing to sample.
+        sampling = [i for i, s in enumerate(scheduled)
+                    if s.samples and s.seq.data.sampling.params.max_tokens > 0]  # type: ignore[attr-defined]
         if not sampling:
             return [], expert_counts.tolist()
         ends = torch.tensor(query_lens).cumsum(0) - 1  # row of each sequence's last token
@@ -74,3 +80,27 @@ class ModelRunner:
             for i, (r, token) in enumerate(zip(rows, out.token_ids, strict=True))
         ]
         return sampled, expert_counts.tolist()
+
+    def _prompt_logprobs(self, scheduled: list[ScheduledSequence], hidden: torch.Tensor) -> None:
+        """Fill the prompt logprobs of the prompt tokens this step computed (rows of hidden [T, D])."""
+        row = 0
+        for s in scheduled:
+            state: SamplingState = s.seq.data.sampling  # type: ignore[attr-defined]
+            entries = state.prompt_logprobs
+            # Position p's logits score prompt token p + 1; the last prompt position's logits are the sampler's.
+            end = min(s.start_pos + s.num_new_tokens, s.seq.num_prompt_tokens - 1)
+            if entries is not None and end > s.start_pos:
+                k = state.params.prompt_logprobs or 0
+                for lo in range(s.start_pos, end, _PROMPT_LOGITS_ROWS):
+                    hi = min(lo + _PROMPT_LOGITS_ROWS, end)
+                    lp = self.model.compute_logits(hidden[row + lo - s.start_pos:row + hi - s.start_pos])
+                    lp = lp.float().log_softmax(dim=-1)  # [P, V]
+                    targets = torch.tensor(s.seq.token_ids[lo + 1:hi + 1], device=lp.device)
+                    chosen = lp.gather(1, targets[:, None])  # [P, 1]
+                    ranks = (lp > chosen).sum(dim=-1) + 1  # [P]
+                    top_v, top_i = lp.topk(k, dim=-1)  # [P, k]
+                    for j, (t, c, r, tv, ti) in enumerate(zip(targets.tolist(), chosen[:, 0].tolist(),
+                                                              ranks.tolist(), top_v.tolist(), top_i.tolist(),
+                                                              strict=True)):
+                        entries[lo + 1 + j] = PromptLogprob(t, c, r, list(zip(ti, tv, strict=True)))
+            row += s.num_new_tokens

@@ -1,10 +1,21 @@
 """SamplingState: what the sampler keeps per sequence (its params, private generator, output token counts)."""
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from server.engine.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True, slots=True)
+class PromptLogprob:
+    """One prompt token's logprob given the tokens before it, its rank (1 = most likely) and the top alternatives."""
+
+    token_id: int
+    logprob: float
+    rank: int
+    top: list[tuple[int, float]]
 
 
 class SamplingState:
@@ -24,6 +35,10 @@ class SamplingState:
             self.generator.manual_seed(params.seed)
         self.prompt_token_ids = torch.tensor(sorted(set(prompt_token_ids)), dtype=torch.long)
         self.output_counts: dict[int, int] = {}
+        # Entry i: prompt token i given tokens < i (None for token 0, which has no context), filled by the model
+        # runner as the prompt's chunks run; None when the request did not ask for prompt logprobs.
+        self.prompt_logprobs: list[PromptLogprob | None] | None = (
+            [None] * len(prompt_token_ids) if params.prompt_logprobs is not None else None)
 
     def append_token(self, token_id: int) -> None:
         """Record a generated token for the frequency/presence/repetition penalties."""

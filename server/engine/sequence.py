@@ -30,6 +30,7 @@ class Sequence:
         "num_prompt_tokens",
         "request_id",
         "seq_id",
+        "skip_reading_prefix_cache",
         "status",
         "token_ids",
     )
@@ -58,6 +59,9 @@ class Sequence:
         self.arrival_time = arrival_time
         self.first_scheduled_time: float | None = None
         self.num_preemptions = 0
+        # Set while the prompt's own logits are needed (prompt logprobs): every prompt token is computed, none is
+        # read from the prefix cache (its blocks are still published for others).
+        self.skip_reading_prefix_cache = False
         self.data = data
 
     @property

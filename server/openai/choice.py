@@ -6,6 +6,7 @@ import dataclasses
 from typing import cast
 
 from server.engine.engine import SequenceOutput
+from server.engine.sampler_state import PromptLogprob
 from server.openai.protocol import FinishReason
 from server.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
 
@@ -38,6 +39,13 @@ class ChoiceBuilder:
         self.logprobs: list[TokenLogprob] = []
         self.finish_reason: FinishReason | None = None
         self.stop_reason: int | str | None = None  # the stop string or stop token id that ended it
+        self.prompt_logprobs: list[PromptLogprob | None] | None = None  # with the first output, if asked for
+        self.prompt_sent = False  # streaming: whether a chunk has carried the prompt part yet
+
+    @property
+    def prompt_pending(self) -> bool:
+        """Whether the prompt logprobs have arrived and no chunk has carried them yet."""
+        return self.prompt_logprobs is not None and not self.prompt_sent
 
     @property
     def stopped_by_string(self) -> bool:
@@ -47,6 +55,8 @@ class ChoiceBuilder:
         """Consume the engine's new tokens; return the text they finalise (after stop-string hold-back)."""
         if self.finish_reason is not None:
             return ""  # tokens the engine made before it saw our stop-string abort
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
         emitted: list[str] = []
         for i, token_id in enumerate(out.token_ids):
             self.num_tokens += 1

@@ -85,7 +85,8 @@ class OpenAIServing:
                                 f"'{self.limits.served_model_name}'", "NotFoundError", "model")
 
     def _sampling_params(self, req: CompletionRequest | ChatCompletionRequest, max_tokens: int,
-                         logprobs: int | None, extra_stop_ids: tuple[int, ...] = ()) -> SamplingParams:
+                         logprobs: int | None, extra_stop_ids: tuple[int, ...] = (),
+                         prompt_logprobs: int | None = None) -> SamplingParams:
         try:
             params = SamplingParams(
                 n=req.n, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
@@ -93,7 +94,7 @@ class OpenAIServing:
                 repetition_penalty=req.repetition_penalty, logit_bias=req.logit_bias or (), seed=req.seed,
                 max_tokens=max_tokens, min_tokens=req.min_tokens,
                 stop_token_ids=tuple(req.stop_token_ids or ()) + extra_stop_ids, ignore_eos=req.ignore_eos,
-                logprobs=logprobs, stop=tuple(req.stop_strings),
+                logprobs=logprobs, prompt_logprobs=prompt_logprobs, stop=tuple(req.stop_strings),
                 include_stop_str_in_output=req.include_stop_str_in_output,
                 skip_special_tokens=req.skip_special_tokens)
             params.validate_token_ids(self.tokenizer.vocab_size)
@@ -213,7 +214,7 @@ def sse_response(outputs: AsyncIterator[tuple[ChoiceBuilder, str, SequenceOutput
         async for builder, text, _ in outputs:
             sent = logprobs_sent[builder.index]
             # builder.logprobs only fills when the request asked for logprobs.
-            if text or builder.finish_reason is not None or len(builder.logprobs) > sent:
+            if text or builder.finish_reason is not None or len(builder.logprobs) > sent or builder.prompt_pending:
                 yield delta(builder, text, sent)
             logprobs_sent[builder.index] = len(builder.logprobs)
         if closing is not None:

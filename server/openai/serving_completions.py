@@ -10,12 +10,14 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from server.openai.choice import ChoiceBuilder
+from server.openai.prompt_logprobs import echo_logprobs, top_dict, vllm_prompt_logprobs
 from server.openai.protocol import (
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     CompletionStreamResponse,
+    PromptLogprobEntry,
     UsageInfo,
 )
 from server.openai.serving import (
@@ -28,15 +30,6 @@ from server.openai.serving import (
     sse,
     sse_response,
 )
-from server.tokenizer import Tokenizer
-
-
-def top_dict(tokenizer: Tokenizer, token_id: int, logprob: float, top: list[tuple[int, float]]) -> dict[str, float]:
-    """One position's `top_logprobs`: the k most likely tokens and always the chosen one (OpenAI: "up to
-    logprobs+1 elements"; vLLM does the same)."""
-    entries = {tokenizer.token_text(t): lp for t, lp in top}
-    entries.setdefault(tokenizer.token_text(token_id), logprob)
-    return entries
 
 
 class OpenAIServingCompletion(OpenAIServing):
@@ -61,14 +54,15 @@ class OpenAIServingCompletion(OpenAIServing):
 
     async def create_completion(self, req: CompletionRequest, request: Request) -> Response:
         self.check_model(req.model)
-        if req.echo and req.logprobs is not None:
-            raise APIError(400, "echo together with logprobs (prompt logprobs) is not supported", param="echo")
         prompts = self.completion_prompts(req)
         request_id = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         model = self.limits.served_model_name
-        params = self._sampling_params(req, req.max_tokens, req.logprobs)
-        if req.max_tokens == 0:  # echo only: no model run, but the same limits as any request
+        # Prompt logprobs for echo + logprobs (OpenAI) and for prompt_logprobs (vLLM): one pass computes both.
+        echo_lp = req.logprobs if req.echo and req.logprobs is not None else None
+        wanted = [k for k in (echo_lp, req.prompt_logprobs) if k is not None]
+        params = self._sampling_params(req, req.max_tokens, req.logprobs, prompt_logprobs=max(wanted, default=None))
+        if req.max_tokens == 0 and params.prompt_logprobs is None:  # echo only: no model run, the same limits
             self.check_request(prompts, params)
             return self._echo_only(req, prompts, request_id, created)
         streams = self._start(request_id, prompts, params)
@@ -76,15 +70,28 @@ class OpenAIServingCompletion(OpenAIServing):
         num_prompt_tokens = sum(len(p.token_ids) for p in prompts)
         outputs = self._outputs(request_id, streams, builders)
 
-        def logprobs_of(builder: ChoiceBuilder, start: int) -> CompletionLogprobs | None:
+        def logprobs_of(builder: ChoiceBuilder, start: int, with_prompt: bool) -> CompletionLogprobs | None:
             if req.logprobs is None:
                 return None
             entries = builder.logprobs[start:]
             text = self.tokenizer.token_text
-            return CompletionLogprobs(
+            lp = CompletionLogprobs(
                 tokens=[text(e.token_id) for e in entries], token_logprobs=[e.logprob for e in entries],
                 top_logprobs=[top_dict(self.tokenizer, e.token_id, e.logprob, e.top) for e in entries],
                 text_offset=[e.text_offset for e in entries])
+            if not (with_prompt and echo_lp is not None and builder.prompt_logprobs is not None):
+                return lp
+            head = echo_logprobs(self.tokenizer, prompts[builder.index // req.n].token_ids,
+                                 builder.prompt_logprobs, echo_lp)
+            return CompletionLogprobs(tokens=head.tokens + lp.tokens,
+                                      token_logprobs=head.token_logprobs + lp.token_logprobs,
+                                      top_logprobs=head.top_logprobs + lp.top_logprobs,
+                                      text_offset=head.text_offset + lp.text_offset)
+
+        def prompt_part(builder: ChoiceBuilder) -> list[dict[str, PromptLogprobEntry] | None] | None:
+            if req.prompt_logprobs is None or builder.prompt_logprobs is None:
+                return None
+            return vllm_prompt_logprobs(self.tokenizer, builder.prompt_logprobs, req.prompt_logprobs)
 
         def usage() -> UsageInfo:
             return UsageInfo.of(num_prompt_tokens, sum(b.num_tokens for b in builders))
@@ -94,7 +101,8 @@ class OpenAIServingCompletion(OpenAIServing):
                 await drain(outputs, builders)
                 choices = [CompletionChoice(
                     index=b.index, text=(prompts[b.index // req.n].text if req.echo else "") + b.text,
-                    logprobs=logprobs_of(b, 0), finish_reason=b.finish_reason, stop_reason=b.stop_reason)
+                    logprobs=logprobs_of(b, 0, True), finish_reason=b.finish_reason, stop_reason=b.stop_reason,
+                    prompt_logprobs=prompt_part(b))
                     for b in builders]
                 return JSONResponse(CompletionResponse(id=request_id, created=created, model=model,
                                                        choices=choices, usage=usage()).model_dump())
@@ -106,13 +114,20 @@ class OpenAIServingCompletion(OpenAIServing):
             return sse(CompletionStreamResponse(id=request_id, created=created, model=model, choices=[choice],
                                                  usage=usage() if continuous else None))
 
+        # With prompt logprobs to send, the echoed prompt waits for them: it leads the choice's first chunk.
+        echo_first = req.echo and params.prompt_logprobs is not None
+
         def delta(builder: ChoiceBuilder, text: str, logprobs_from: int) -> str:
-            lp = logprobs_of(builder, logprobs_from)
-            return chunk(CompletionChoice(index=builder.index, text=text, logprobs=lp,
-                                          finish_reason=builder.finish_reason, stop_reason=builder.stop_reason))
+            first = builder.prompt_pending
+            builder.prompt_sent = builder.prompt_sent or first
+            head = prompts[builder.index // req.n].text if first and echo_first else ""
+            return chunk(CompletionChoice(index=builder.index, text=head + text,
+                                          logprobs=logprobs_of(builder, logprobs_from, first),
+                                          finish_reason=builder.finish_reason, stop_reason=builder.stop_reason,
+                                          prompt_logprobs=prompt_part(builder) if first else None))
 
         opening = [chunk(CompletionChoice(index=b.index, text=prompts[b.index // req.n].text))
-                   for b in builders] if req.echo else []
+                   for b in builders] if req.echo and not echo_first else []
         closing = None
         if req.stream_options and req.stream_options.include_usage:
             def closing() -> str:

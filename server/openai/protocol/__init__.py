@@ -39,6 +39,7 @@ from server.openai.protocol.completions import (
     CompletionRequest,
     CompletionResponse,
     CompletionStreamResponse,
+    PromptLogprobEntry,
 )
 from server.openai.protocol.errors import (
     ErrorInfo,
@@ -83,6 +84,7 @@ __all__ = [
     "Logprob",
     "ModelCard",
     "ModelList",
+    "PromptLogprobEntry",
     "ResponseFormat",
     "SamplingRequest",
     "StreamOptions",

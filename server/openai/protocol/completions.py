@@ -30,6 +30,8 @@ class CompletionRequest(SamplingRequest):
     max_tokens: int = Field(16, ge=0)  # 0 only with echo (scoring a prompt)
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    # vLLM's extra: each prompt token's logprob (and its top alternatives) in the choice's prompt_logprobs.
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     best_of: int | None = Field(None, ge=1)  # only None or n (= no extra candidates)
     suffix: str | None = None  # unsupported unless empty
 
@@ -86,6 +88,14 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int] = Field(default_factory=list)
 
 
+class PromptLogprobEntry(BaseModel):
+    """vLLM's per-token entry of `prompt_logprobs`."""
+
+    logprob: Logprob
+    rank: int  # 1 = the most likely token
+    decoded_token: str
+
+
 class CompletionChoice(BaseModel):
     """One choice; in a stream chunk `text` is the delta and finish_reason stays null until the end."""
 
@@ -94,6 +104,8 @@ class CompletionChoice(BaseModel):
     logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None  # vLLM: the stop string or token id that ended it
+    # vLLM: per prompt token, null for the first, else {token id: entry} of the token itself and the top ones.
+    prompt_logprobs: list[dict[str, PromptLogprobEntry] | None] | None = None
 
 
 class CompletionResponse(BaseModel):

@@ -175,3 +175,37 @@ def test_bad_requests_are_rejected_with_the_field_named(engine) -> None:
     asyncio.run(main())
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=1.5)
+
+
+def test_prompt_logprobs_whole_chunked_and_prompt_only(engine) -> None:
+    """Prompt logprobs are the same whether the prompt runs in one step or in 7-token chunks; max_tokens 0
+    ends after the prompt with no token; the prefix cache is not read for a scored prompt."""
+    prompt = prompts(1, seed=9, lo=40, hi=40)[0]
+
+    def scored(e: Engine, max_tokens: int) -> tuple[list, list[int], str]:
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, prompt_logprobs=3, ignore_eos=True)
+
+        async def main() -> tuple[list, list[int], str]:
+            entries, tokens, reason = None, [], ""
+            async for batch in e.add_request("p", prompt, params):
+                for out in batch:
+                    entries = out.prompt_logprobs if out.prompt_logprobs is not None else entries
+                    tokens += out.token_ids
+                    reason = out.finish_reason or reason
+            return entries, tokens, reason
+        return asyncio.run(main())
+
+    whole = engine()
+    run_all(whole, [(prompt, greedy(2))])  # caches the prompt's blocks
+    hits = whole.scheduler.num_prefix_hit_tokens
+    entries, tokens, reason = scored(whole, 3)
+    assert whole.scheduler.num_prefix_hit_tokens == hits
+    assert len(tokens) == 3 and reason == "length"
+    assert entries[0] is None and [e.token_id for e in entries[1:]] == prompt[1:]
+    chunked = engine(max_num_batched_tokens=7)
+    chunked_entries, none, prompt_only = scored(chunked, 0)
+    assert none == [] and prompt_only == "length"
+    for a, b in zip(entries[1:], chunked_entries[1:], strict=True):
+        assert a.rank == b.rank and abs(a.logprob - b.logprob) < 1e-5
+        assert [t for t, _ in a.top] == [t for t, _ in b.top] and len(a.top) == 3
+        assert all(lp <= a.top[0][1] for _, lp in a.top) and (a.rank == 1) == (a.top[0][0] == a.token_id)

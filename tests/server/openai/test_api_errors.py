@@ -103,7 +103,7 @@ BAD_JSON: list[tuple[str, dict[str, Any], str | None, list[str]]] = [
     (H, {"messages": MSGS, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", ["tools"]),
     (H, {"messages": MSGS, "tool_choice": "required"}, "tool_choice", ["tool_choice"]),
     (H, {"messages": MSGS, "response_format": {"type": "json_object"}}, "response_format", ["json_object"]),
-    (C, {"prompt": "x", "echo": True, "logprobs": 1}, "echo", ["echo"]),
+    (C, {"prompt": "x", "prompt_logprobs": 21}, "prompt_logprobs", ["prompt_logprobs"]),
     (C, {"prompt": "x", "max_tokens": 0}, "max_tokens", ["max_tokens"]),
     (C, {"prompt": "x", "max_tokens": 3, "min_tokens": 4}, "min_tokens", ["min_tokens"]),
     (H, {"messages": MSGS, "top_logprobs": 2}, "top_logprobs", ["logprobs"]),
