@@ -16,6 +16,7 @@ from model.ops.quantized_linear import QUANTIZATIONS
 from server.drain import DrainingServer
 from server.metrics import ServerMetrics
 from server.openai.api import ServerSettings, create_app
+from server.openai.chat_template import load_chat_template
 from server.startup import build_engine
 from server.tokenizer import load_tokenizer
 
@@ -67,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                                       "weights (for trying the server, not for real use)")
     add("--tokenizer", default=None, help="tokenizer.json file or directory (default: tokenizer.json beside the "
                                           "model, else the bundled cosmo2 tokenizer)")
+    add("--chat-template", default=None, help="a Jinja2 chat template file, as Hugging Face writes them (default: "
+                                              "the chat_template of a tokenizer_config.json beside the model, else "
+                                              "the bundled ChatML)")
     add("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 to listen on all)")
     add("--port", type=int, default=8000)
     add("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
@@ -134,6 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if engine.vocab_size != tokenizer.vocab_size:
             raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
                              f"{engine.vocab_size}; pass the matching --tokenizer")
+        chat_template = load_chat_template(tokenizer, args.chat_template, args.model)
     except (CheckpointError, ValueError, OSError) as exc:
         print(f"customllm-server: error: {exc}", file=sys.stderr)
         return 2
@@ -141,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         served_model_name=args.served_model_name, api_key=args.api_key or None,
         max_queued_requests=args.max_queued_requests, max_request_bytes=args.max_request_bytes,
         cors_allow_origins=tuple(o.strip() for o in args.cors_allow_origins.split(",") if o.strip()))
-    app = create_app(engine, tokenizer, settings, metrics)
+    app = create_app(engine, tokenizer, settings, metrics, chat_template)
     # The drain (server/drain.py) waits for in-flight requests before uvicorn's shutdown starts, so uvicorn's own
     # timeout only covers what is left then (nothing, unless a client stopped reading).
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,

@@ -83,6 +83,10 @@ class Tokenizer:
             _byte_level_char_to_byte() if isinstance(backend.decoder, decoders.ByteLevel) else None
         )
 
+    def to_json(self) -> str:
+        """The tokenizer as tokenizer.json text (what the grammar backend reads)."""
+        return self._backend.to_str()
+
     def encode(self, text: str) -> list[int]:
         """Token ids of text, adding nothing; special-token strings such as <|im_start|> map to their ids."""
         return list(self._backend.encode(text, add_special_tokens=False).ids)

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 
+from server.engine.grammar import CompiledGrammar
 from server.engine.model_runner import ModelRunner, SampledToken
 from server.engine.sampler_state import PromptLogprob, SamplingState
 from server.engine.sampling_params import SamplingParams
@@ -191,8 +192,11 @@ class Engine:
                              f"the prompt has {len(prompt_token_ids)} tokens and max_tokens is {params.max_tokens} "
                              f"({total} in total); shorten the prompt or lower max_tokens")
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> RequestStream:
-        """Queue a request (n samples) and return the stream of its outputs. Call from an asyncio loop."""
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    grammar: CompiledGrammar | None = None) -> RequestStream:
+        """Queue a request (n samples) and return the stream of its outputs. Call from an asyncio loop.
+
+        With a grammar, each sample gets its own matcher and its output is constrained to it."""
         if not self.is_alive:
             raise EngineDeadError(self.dead_reason or "engine is not running")
         self.validate(prompt_token_ids, params)
@@ -201,8 +205,9 @@ class Engine:
         seqs = []
         for index in range(params.n):
             child = params.child(index) if params.n > 1 else params
-            state = _RequestState(stream, index, child, SamplingState(child, prompt_token_ids, self.runner.device),
-                                  now)
+            matcher = grammar.new_matcher() if grammar is not None else None
+            sampling = SamplingState(child, prompt_token_ids, self.runner.device, matcher)
+            state = _RequestState(stream, index, child, sampling, now)
             seqs.append(Sequence(next(self._seq_ids), request_id, prompt_token_ids, child.max_tokens, now, state))
             seqs[-1].skip_reading_prefix_cache = child.prompt_logprobs is not None
         with self._lock:
@@ -326,7 +331,11 @@ class Engine:
         state.last_token_time = now
         params = state.params
         reason = None
-        if item.token_id in params.stop_token_ids or (item.token_id == self.eos_token_id and not params.ignore_eos):
+        # A constrained sample ends at EOS even with ignore_eos: the grammar allows EOS only once it is complete,
+        # and nothing after it.
+        constrained = state.sampling.matcher is not None
+        eos = item.token_id == self.eos_token_id and (not params.ignore_eos or constrained)
+        if item.token_id in params.stop_token_ids or eos:
             reason = "stop"
         elif seq.num_generated_tokens >= params.max_tokens or seq.num_tokens >= self.config.max_model_len:
             reason = "length"

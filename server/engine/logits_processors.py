@@ -31,7 +31,8 @@ def apply_penalties(
     rows: list[int] = []
     toks: list[int] = []
     for r, (s, n_gen) in enumerate(zip(states, num_generated, strict=True)):
-        if n_gen < s.params.min_tokens:
+        # The grammar decides when a constrained row may end; min_tokens never fights it.
+        if n_gen < s.params.min_tokens and s.matcher is None:
             banned = (eos_token_id, *s.params.stop_token_ids)
             rows += [r] * len(banned)
             toks += banned

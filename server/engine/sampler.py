@@ -1,7 +1,8 @@
 """The batched sampler: one token per row of logits [B, V] (B rows being sampled, V vocabulary size).
 
-Raw logprobs -> the logits processors (server/engine/logits_processors.py) -> greedy argmax, or an
-exponential race (Gumbel-max: one Exp(1) draw per token of the row).
+Raw logprobs -> the logits processors (server/engine/logits_processors.py) -> the grammar bitmask of the
+constrained rows (server/engine/grammar.py) -> greedy argmax, or an exponential race (Gumbel-max: one Exp(1)
+draw per token of the row).
 """
 
 from dataclasses import dataclass
@@ -9,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from server.engine.grammar import BitmaskFiller, apply_bitmask_
 from server.engine.logits_processors import apply_penalties, temperature_and_filters_, to_device
 from server.engine.sampler_state import SamplingState
 from server.engine.sampling_params import SamplingParams
@@ -43,6 +45,7 @@ class Sampler:
     def __init__(self, seed: int | None = None) -> None:
         self.seed = seed
         self._generators: dict[torch.device, torch.Generator] = {}
+        self._bitmasks: BitmaskFiller | None = None  # made on the first constrained row
 
     def _default_generator(self, device: torch.device) -> torch.Generator:
         if device not in self._generators:
@@ -77,6 +80,7 @@ class Sampler:
             raw_lp = logits[to_device(lp_rows, torch.long, dev)].float().log_softmax(dim=-1)
 
         x = apply_penalties(logits, states, num_generated, eos_token_id)  # [B, V] float32
+        self._apply_grammars(x, states)
         random_rows = [r for r, p in enumerate(params) if not p.greedy]
         if not random_rows:
             tokens = x.argmax(dim=-1)  # [B]
@@ -99,6 +103,22 @@ class Sampler:
         if raw_lp is not None:
             self._fill_logprobs(out, raw_lp, tokens, lp_rows, params)
         return out
+
+    def _apply_grammars(self, x: Tensor, states: list[SamplingState]) -> None:
+        """Mask the disallowed tokens of the constrained rows of x [B, V]; the other rows are not touched."""
+        rows = [r for r, s in enumerate(states) if s.matcher is not None]
+        if not rows:
+            return
+        if self._bitmasks is None:
+            self._bitmasks = BitmaskFiller()
+        bitmask = self._bitmasks.fill([states[r].matcher for r in rows], x.shape[1])  # type: ignore[misc]
+        if len(rows) == len(states):
+            apply_bitmask_(x, bitmask)
+            return
+        idx = to_device(rows, torch.long, x.device)
+        sub = x[idx]  # [C, V]
+        apply_bitmask_(sub, bitmask)
+        x[idx] = sub
 
     def _draw_noise(self, states: list[SamplingState], random_rows: list[int], like: Tensor) -> Tensor:
         """Exp(1) noise [R, V] for the sampled rows: seeded rows from their own generator, the rest in one call.

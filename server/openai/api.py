@@ -18,7 +18,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.drain import Drain
 from server.engine.engine import Engine
+from server.engine.grammar import GrammarCompiler
 from server.metrics import ServerMetrics
+from server.openai.chat_template import ChatTemplate
 from server.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -162,11 +164,13 @@ def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     return error_response(400, message, param=param)
 
 
-def create_app(engine: Engine, tokenizer: Tokenizer, settings: ServerSettings, metrics: ServerMetrics) -> FastAPI:
-    """The HTTP app; its lifespan starts and stops the engine."""
+def create_app(engine: Engine, tokenizer: Tokenizer, settings: ServerSettings, metrics: ServerMetrics,
+               chat_template: ChatTemplate | None = None) -> FastAPI:
+    """The HTTP app; its lifespan starts and stops the engine. Without a chat template, the bundled ChatML."""
     limits = ServingLimits(settings.served_model_name, engine.config.max_model_len, settings.max_queued_requests)
-    serving = OpenAIServingCompletion(engine, tokenizer, limits)
-    serving_chat = OpenAIServingChat(engine, tokenizer, limits)
+    grammars = GrammarCompiler(tokenizer.to_json(), engine.vocab_size, tokenizer.eos_token_id)
+    serving = OpenAIServingCompletion(engine, tokenizer, limits, grammars)
+    serving_chat = OpenAIServingChat(engine, tokenizer, limits, grammars, chat_template)
     serving_render = OpenAIServingRender(serving, serving_chat)
     metrics.set_served_model_name(settings.served_model_name)
 
@@ -237,10 +241,9 @@ def create_app(engine: Engine, tokenizer: Tokenizer, settings: ServerSettings, m
     async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
         serving.check_model(body.model)
         if body.messages is not None:
-            messages = chat_template_input(body.messages)
-            for i, message in enumerate(messages):
-                check_unicode(message["content"], f"messages[{i}].content")
-            tokens = tokenizer.encode_chat(messages, body.add_generation_prompt)
+            # The same rendering as /v1/chat/completions.
+            tokens = serving_chat.render_prompt(chat_template_input(body.messages), body.tools,
+                                                body.add_generation_prompt)
         else:
             check_unicode(body.prompt or "", "prompt")
             tokens = tokenizer.encode(body.prompt or "")

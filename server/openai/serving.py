@@ -13,11 +13,14 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
 
 from server.engine.engine import Engine, EngineDeadError, RequestStream, SequenceOutput
+from server.engine.grammar import CompiledGrammar, GrammarCompiler, GrammarError, GrammarSpec
 from server.engine.sampling_params import SamplingParams
 from server.openai.choice import ChoiceBuilder
 from server.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
+    FieldError,
+    GrammarRequest,
 )
 from server.tokenizer import Tokenizer
 
@@ -72,10 +75,13 @@ async def _wait_for_disconnect(request: Request) -> None:
 class OpenAIServing:
     """The base of the generation endpoints (serving_completions, serving_chat)."""
 
-    def __init__(self, engine: Engine, tokenizer: Tokenizer, limits: ServingLimits) -> None:
+    def __init__(self, engine: Engine, tokenizer: Tokenizer, limits: ServingLimits,
+                 grammars: GrammarCompiler | None = None) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
         self.limits = limits
+        self.grammars = grammars or GrammarCompiler(tokenizer.to_json(), engine.vocab_size,
+                                                    tokenizer.eos_token_id)
 
     # -- shared ------------------------------------------------------------------------------------
 
@@ -95,12 +101,23 @@ class OpenAIServing:
                 max_tokens=max_tokens, min_tokens=req.min_tokens,
                 stop_token_ids=tuple(req.stop_token_ids or ()) + extra_stop_ids, ignore_eos=req.ignore_eos,
                 logprobs=logprobs, prompt_logprobs=prompt_logprobs, stop=tuple(req.stop_strings),
-                include_stop_str_in_output=req.include_stop_str_in_output,
+                include_stop_str_in_output=req.keep_stop_string,
                 skip_special_tokens=req.skip_special_tokens)
             params.validate_token_ids(self.tokenizer.vocab_size)
         except ValueError as exc:
             raise APIError(400, str(exc), param=field_in(str(exc))) from exc
         return params
+
+    async def _compile(self, request: Callable[[], GrammarRequest | None]) -> CompiledGrammar | None:
+        """The compiled output constraint of a request (None when unconstrained); a 400 naming the field it came
+        in when it is malformed or does not compile."""
+        try:
+            grammar = request()
+            if grammar is None:
+                return None
+            return await self.grammars.compile_async(GrammarSpec(grammar.kind, grammar.source), grammar.field)
+        except (FieldError, GrammarError) as exc:
+            raise APIError(400, str(exc), param=exc.field) from exc
 
     def _validate_prompt(self, prompt: Prompt, params: SamplingParams, max_tokens_field: str = "max_tokens") -> None:
         try:
@@ -121,7 +138,7 @@ class OpenAIServing:
             self._validate_prompt(prompt, params, max_tokens_field)
 
     def _start(self, request_id: str, prompts: list[Prompt], params: SamplingParams,
-               max_tokens_field: str = "max_tokens") -> list[RequestStream]:
+               max_tokens_field: str = "max_tokens", grammar: CompiledGrammar | None = None) -> list[RequestStream]:
         self.check_request(prompts, params, max_tokens_field)
         waiting = self.engine.num_requests_waiting  # requests, not samples: an n=16 request counts once
         if waiting >= self.limits.max_queued_requests:
@@ -129,7 +146,8 @@ class OpenAIServing:
                                 f"{self.limits.max_queued_requests}); retry later", "ServiceUnavailableError",
                            headers={"Retry-After": "1"})
         try:
-            return [self.engine.add_request(f"{request_id}-{i}", p.token_ids, params) for i, p in enumerate(prompts)]
+            return [self.engine.add_request(f"{request_id}-{i}", p.token_ids, params, grammar)
+                    for i, p in enumerate(prompts)]
         except EngineDeadError as exc:
             raise APIError(503, f"the engine is not running: {exc}", "ServiceUnavailableError") from exc
 

@@ -1,14 +1,19 @@
-"""POST /v1/chat/completions: messages rendered with the chat template, choices or SSE chunks out."""
+"""POST /v1/chat/completions: messages rendered with the chat template, choices or SSE chunks out; output
+constrained by response_format / structured_outputs or by a forced tool_choice, tool calls parsed from the text."""
 
 from __future__ import annotations
 
 import time
 import uuid
+from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
+from server.engine.engine import Engine
+from server.engine.grammar import GrammarCompiler
 from server.engine.sampling_params import SamplingParams
+from server.openai.chat_template import ChatMLTemplate, ChatTemplate
 from server.openai.choice import ChoiceBuilder
 from server.openai.protocol import (
     ChatChoiceLogprobs,
@@ -19,27 +24,75 @@ from server.openai.protocol import (
     ChatCompletionResponse,
     ChatCompletionStreamChoice,
     ChatResponseMessage,
+    ChatTool,
     DeltaMessage,
+    FinishReason,
+    FunctionCallOut,
+    GrammarRequest,
+    NamedToolChoice,
+    ToolCallOut,
     TopLogprob,
     UsageInfo,
     chat_template_input,
 )
-from server.openai.serving import APIError, OpenAIServing, Prompt, check_unicode, drain, sse, sse_response
+from server.openai.serving import (
+    APIError,
+    OpenAIServing,
+    Prompt,
+    ServingLimits,
+    check_unicode,
+    drain,
+    sse,
+    sse_response,
+)
+from server.openai.tool_parsers import HermesToolParser, forced_calls_grammar, parse_tool_calls
+from server.tokenizer import Tokenizer
+
+
+def _finish_reason(builder: ChoiceBuilder, has_calls: bool) -> FinishReason | None:
+    return "tool_calls" if has_calls and builder.finish_reason == "stop" else builder.finish_reason
 
 
 class OpenAIServingChat(OpenAIServing):
     """The chat completions endpoint."""
 
-    def chat_prompt(self, req: ChatCompletionRequest) -> tuple[Prompt, SamplingParams]:
-        """The rendered messages and the sampling parameters of a chat request (also what /render returns)."""
-        self.check_model(req.model)
-        messages = chat_template_input(req.messages)
-        for i, message in enumerate(messages):
+    def __init__(self, engine: Engine, tokenizer: Tokenizer, limits: ServingLimits,
+                 grammars: GrammarCompiler | None = None, chat_template: ChatTemplate | None = None) -> None:
+        super().__init__(engine, tokenizer, limits, grammars)
+        self.chat_template = chat_template or ChatMLTemplate(tokenizer)
+
+    def render_prompt(self, req_messages: list[dict[str, Any]], tools: list[ChatTool] | None,
+                      add_generation_prompt: bool = True, continue_final_message: bool = False,
+                      kwargs: dict[str, Any] | None = None) -> list[int]:
+        """Token ids of the conversation rendered with the chat template (also what /tokenize returns)."""
+        for i, message in enumerate(req_messages):
             check_unicode(message["content"], f"messages[{i}].content")
+        tool_dicts = [t.model_dump(exclude_none=True) for t in tools] if tools else None
         try:
-            token_ids = self.tokenizer.encode_chat(messages)
-        except (TypeError, ValueError) as exc:
+            text = self.chat_template.render(req_messages, tool_dicts, add_generation_prompt,
+                                             continue_final_message, kwargs)
+        except (TypeError, ValueError, KeyError) as exc:
             raise APIError(400, f"cannot render messages: {exc}", param="messages") from exc
+        return self.tokenizer.encode(text)
+
+    @staticmethod
+    def _tool_grammar(req: ChatCompletionRequest) -> GrammarRequest | None:
+        """The grammar that forces tool calls ("required" or a named function); for "auto", the same grammar
+        over all tools, compiled only to check their schemas."""
+        tools = req.tools or []
+        if isinstance(req.tool_choice, NamedToolChoice):
+            name = req.tool_choice.function.name
+            return GrammarRequest("grammar", forced_calls_grammar([t for t in tools if t.function.name == name],
+                                                                  parallel=False), "tool_choice")
+        return GrammarRequest("grammar", forced_calls_grammar(tools, req.parallel_tool_calls), "tools")
+
+    def chat_prompt(self, req: ChatCompletionRequest) -> tuple[Prompt, SamplingParams]:
+        """The rendered messages (with the tools in play) and the sampling parameters of a chat request (also
+        what /render returns)."""
+        self.check_model(req.model)
+        tools = req.tools if req.effective_tool_choice != "none" else None
+        token_ids = self.render_prompt(chat_template_input(req.messages), tools, req.add_generation_prompt,
+                                       req.continue_final_message, req.chat_template_kwargs)
         max_tokens = req.max_tokens_limit
         if max_tokens is None:
             max_tokens = self.limits.max_model_len - len(token_ids)
@@ -52,11 +105,17 @@ class OpenAIServingChat(OpenAIServing):
     async def create_chat_completion(self, req: ChatCompletionRequest, request: Request) -> Response:
         prompt, params = self.chat_prompt(req)
         token_ids = prompt.token_ids
+        choice = req.effective_tool_choice
+        tools = req.tools if choice != "none" else None
+        tool_grammar = None
+        if tools:
+            tool_grammar = await self._compile(lambda: self._tool_grammar(req))
+        grammar = tool_grammar if choice in ("required", "named") else await self._compile(req.grammar_request)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         model = self.limits.served_model_name
         field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-        streams = self._start(request_id, [prompt], params, field)
+        streams = self._start(request_id, [prompt], params, field, grammar)
         builders = self._builders([prompt], params, echo=False)
         outputs = self._outputs(request_id, streams, builders)
 
@@ -76,16 +135,28 @@ class OpenAIServingChat(OpenAIServing):
             return UsageInfo.of(len(token_ids), sum(b.num_tokens for b in builders))
 
         if not req.stream:
+            def message(builder: ChoiceBuilder) -> tuple[ChatResponseMessage, bool]:
+                if not tools:
+                    return ChatResponseMessage(content=builder.text), False
+                content, calls = parse_tool_calls(builder.text)
+                out = [ToolCallOut(id=c.id, function=FunctionCallOut(name=c.name, arguments=c.arguments))
+                       for c in calls]
+                return ChatResponseMessage(content=content, tool_calls=out or None), bool(calls)
+
             async def body() -> Response:
                 await drain(outputs, builders)
-                choices = [ChatCompletionChoice(index=b.index, message=ChatResponseMessage(content=b.text),
-                                                logprobs=logprobs_of(b, 0), finish_reason=b.finish_reason,
-                                                stop_reason=b.stop_reason) for b in builders]
+                choices = []
+                for b in builders:
+                    msg, has_calls = message(b)
+                    choices.append(ChatCompletionChoice(index=b.index, message=msg, logprobs=logprobs_of(b, 0),
+                                                        finish_reason=_finish_reason(b, has_calls),
+                                                        stop_reason=b.stop_reason))
                 return JSONResponse(ChatCompletionResponse(id=request_id, created=created, model=model,
                                                            choices=choices, usage=usage()).model_dump())
             return await self._respond(request, body)
 
         continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
+        parsers = {b.index: HermesToolParser() for b in builders} if tools else {}
 
         def chunk(choice: ChatCompletionStreamChoice) -> str:
             return sse(ChatCompletionChunk(id=request_id, created=created, model=model, choices=[choice],
@@ -93,9 +164,19 @@ class OpenAIServingChat(OpenAIServing):
 
         def delta(builder: ChoiceBuilder, text: str, logprobs_from: int) -> str:
             lp = logprobs_of(builder, logprobs_from)
+            parser = parsers.get(builder.index)
+            calls = None
+            if parser is not None:
+                text, calls = parser.feed(text)
+                if builder.finish_reason is not None:
+                    more_text, more_calls = parser.finish()
+                    text, calls = text + more_text, calls + more_calls
+                if not text and not calls and builder.finish_reason is None and not lp:
+                    return ""  # held back: nothing to send yet
             return chunk(ChatCompletionStreamChoice(
-                index=builder.index, delta=DeltaMessage(content=text) if text else DeltaMessage(),
-                logprobs=lp, finish_reason=builder.finish_reason, stop_reason=builder.stop_reason))
+                index=builder.index, delta=DeltaMessage(content=text or None, tool_calls=calls or None),
+                logprobs=lp, finish_reason=_finish_reason(builder, bool(parser and parser.calls)),
+                stop_reason=builder.stop_reason))
 
         opening = [chunk(ChatCompletionStreamChoice(index=b.index, delta=DeltaMessage(role="assistant", content="")))
                    for b in builders]

@@ -65,7 +65,9 @@ class OpenAIServingCompletion(OpenAIServing):
         if req.max_tokens == 0 and params.prompt_logprobs is None:  # echo only: no model run, the same limits
             self.check_request(prompts, params)
             return self._echo_only(req, prompts, request_id, created)
-        streams = self._start(request_id, prompts, params)
+        so = req.structured_outputs
+        grammar = await self._compile(so.to_grammar if so is not None else lambda: None)
+        streams = self._start(request_id, prompts, params, grammar=grammar)
         builders = self._builders(prompts, params, req.echo)
         num_prompt_tokens = sum(len(p.token_ids) for p in prompts)
         outputs = self._outputs(request_id, streams, builders)

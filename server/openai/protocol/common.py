@@ -63,9 +63,13 @@ def check_token_ids(name: str, ids: Any) -> None:
 TokenId = Annotated[int, Field(ge=0)]
 
 
-# Router-added fields and their no-op values (the chat ones are declared in chat.py).
+# Router-added fields and their no-op values. Other values are a 400, except for the fields honoured:
+# no_stop_trim (as include_stop_str_in_output), continue_final_message (chat only; completions refuse it) and
+# the reasoning switches (trivially: this model has no reasoning phase to separate, stream or drop).
 ROUTER_FIELDS = {"no_stop_trim": False, "return_hidden_states": False, "continue_final_message": False,
                  "separate_reasoning": True, "stream_reasoning": True, "include_reasoning": True}
+HONOURED_ROUTER_FIELDS = frozenset({"no_stop_trim", "continue_final_message", "separate_reasoning",
+                                    "stream_reasoning", "include_reasoning"})
 
 
 class StreamOptions(StrictModel):
@@ -99,10 +103,15 @@ class SamplingRequest(StrictModel):
     stop_token_ids: list[TokenId] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
-    # Fields a router adds when it re-serialises a request (vllm-router, SGLang's gateway send them on every
-    # request, at these values): known, so the request is not refused, and only their no-op value is accepted.
+    # Extras routers add to every request they forward (vllm-router, SGLang's router), at these defaults.
+    # no_stop_trim (SGLang: keep the stop string) is honoured as include_stop_str_in_output; the reasoning
+    # switches are honoured trivially (this model has no reasoning phase to separate, stream or drop).
     no_stop_trim: bool = False
     return_hidden_states: bool = False
+    continue_final_message: bool = False
+    separate_reasoning: bool = True
+    stream_reasoning: bool = True
+    include_reasoning: bool = True
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -140,9 +149,14 @@ class SamplingRequest(StrictModel):
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
+    @property
+    def keep_stop_string(self) -> bool:
+        """include_stop_str_in_output, or SGLang's no_stop_trim."""
+        return self.include_stop_str_in_output or self.no_stop_trim
+
     def _check_common(self, max_tokens: int | None) -> None:
         for name, noop in ROUTER_FIELDS.items():
-            if name in type(self).model_fields and getattr(self, name) != noop:
+            if name not in HONOURED_ROUTER_FIELDS and getattr(self, name) != noop:
                 raise FieldError(name, f"{name}={getattr(self, name)!r} is not supported (only {noop!r})")
         if self.stream_options is not None and not self.stream:
             raise FieldError("stream_options", "stream_options is only allowed when stream is true")
@@ -159,7 +173,7 @@ def _finite_logprob(value: float) -> float:
 Logprob = Annotated[float, PlainSerializer(_finite_logprob)]
 
 
-FinishReason = Literal["stop", "length", "abort", "error"]
+FinishReason = Literal["stop", "length", "tool_calls", "abort", "error"]
 
 
 def random_id(prefix: str) -> str:

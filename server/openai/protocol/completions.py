@@ -21,6 +21,7 @@ from server.openai.protocol.common import (
     now,
     random_id,
 )
+from server.openai.protocol.structured import StructuredOutputs
 
 
 class CompletionRequest(SamplingRequest):
@@ -34,6 +35,7 @@ class CompletionRequest(SamplingRequest):
     prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     best_of: int | None = Field(None, ge=1)  # only None or n (= no extra candidates)
     suffix: str | None = None  # unsupported unless empty
+    structured_outputs: StructuredOutputs | None = None
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -63,6 +65,8 @@ class CompletionRequest(SamplingRequest):
             raise FieldError("best_of", "best_of is not supported (only best_of equal to n)")
         if self.suffix:
             raise FieldError("suffix", "suffix is not supported")
+        if self.continue_final_message:
+            raise FieldError("continue_final_message", "continue_final_message applies only to chat completions")
         if self.max_tokens == 0 and not self.echo:
             raise FieldError("max_tokens", "max_tokens must be at least 1 unless echo is true")
         self._check_common(self.max_tokens)

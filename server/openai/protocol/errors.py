@@ -58,7 +58,10 @@ def describe_errors(errors: Sequence[Any]) -> tuple[str, str | None]:
     more = f" (and {len(errors) - 1} more errors)" if len(errors) > 1 else ""
     cause = first.get("ctx", {}).get("error")
     if isinstance(cause, FieldError):
-        return f"{cause}{more}", cause.field
+        # A nested model's FieldError names its field relative to that model's place in the request.
+        where = _param(first["loc"])
+        param = ".".join(p for p in (where, cause.field) if p) or None
+        return (f"Invalid value for '{param}': {cause}{more}" if where else f"{cause}{more}"), param
     param = _param(first["loc"])
     msg = first["msg"].removeprefix("Value error, ")
     if not param:

@@ -13,6 +13,7 @@ from server.openai.protocol.common import (
     StrictModel,
     TokenId,
 )
+from server.openai.protocol.tools import ChatTool
 
 
 class TokenizeRequest(StrictModel):
@@ -21,6 +22,7 @@ class TokenizeRequest(StrictModel):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
+    tools: list[ChatTool] | None = None  # rendered into the prompt as chat completions would
     add_generation_prompt: bool = True
 
     @model_validator(mode="after")
@@ -29,6 +31,8 @@ class TokenizeRequest(StrictModel):
             raise FieldError("prompt", "give exactly one of prompt or messages")
         if self.prompt is not None and "add_generation_prompt" in self.model_fields_set:
             raise FieldError("add_generation_prompt", "add_generation_prompt applies only to messages")
+        if self.prompt is not None and self.tools is not None:
+            raise FieldError("tools", "tools apply only to messages")
         return self
 
 
