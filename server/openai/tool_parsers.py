@@ -19,7 +19,7 @@ from server.openai.protocol import ChatTool, DeltaFunctionCall, DeltaToolCall
 CALL_START = "<tool_call>"
 CALL_END = "</tool_call>"
 # The head of a call whose name comes first: once it is complete, the name is known and arguments can stream.
-_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*')
+_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*(?=\S)')
 # Compact JSON inside the forced calls, as for response_format (see server/engine/grammar.py).
 _COMPACT = {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"}
 

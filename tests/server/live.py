@@ -18,6 +18,7 @@ from bench.local_server import free_port
 from model import ModelConfig, load_model
 from server.metrics import ServerMetrics
 from server.openai.api import ServerSettings, create_app
+from server.openai.chat_template import ChatTemplate
 from server.startup import build_engine
 from server.tokenizer import load_tokenizer
 from tests.model.conftest import randomise
@@ -62,14 +63,15 @@ class LiveServer:
 
 
 @contextmanager
-def live_server(checkpoint: Path, settings: ServerSettings | None = None, **engine_kwargs) -> Iterator[LiveServer]:
+def live_server(checkpoint: Path, settings: ServerSettings | None = None, chat_template: ChatTemplate | None = None,
+                **engine_kwargs) -> Iterator[LiveServer]:
     """Serve `checkpoint` on 127.0.0.1 in this process until the block exits."""
     metrics = ServerMetrics()
     kwargs = dict(dtype="float32", device="cpu", kv_cache_tokens="4096", max_num_seqs=16,
                   max_num_batched_tokens=256) | engine_kwargs
     tokenizer = load_tokenizer(None)
     engine = build_engine(str(checkpoint), eos_token_id=tokenizer.eos_token_id, metrics=metrics, **kwargs)
-    app = create_app(engine, tokenizer, settings or ServerSettings(), metrics)
+    app = create_app(engine, tokenizer, settings or ServerSettings(), metrics, chat_template)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
                                            timeout_graceful_shutdown=5))
