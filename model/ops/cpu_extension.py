@@ -21,6 +21,7 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -85,9 +86,17 @@ def build(isa: str) -> Path:
     library = directory / f"{_NAME}.so"
     if not library.exists():
         start = time.perf_counter()
-        cpp_extension.load(name=_NAME, sources=[str(s) for s in _sources()], build_directory=str(directory),
-                           extra_cflags=_COMMON_FLAGS + _ISA_FLAGS[isa], extra_ldflags=["-fopenmp"],
-                           is_python_module=False, verbose=False)
+        args: dict[str, Any] = dict(name=_NAME, sources=[str(s) for s in _sources()],
+                                    build_directory=str(directory), extra_cflags=_COMMON_FLAGS + _ISA_FLAGS[isa],
+                                    extra_ldflags=["-fopenmp"], verbose=False)
+        if _ISA_NEEDS[isa] <= _cpu_flags():
+            cpp_extension.load(**args, is_python_module=False)
+        else:
+            # load() would also load the library, and one built for instructions this CPU lacks dies with
+            # SIGILL in its static initialisers: compile and link only (torch's private step, torch pinned).
+            cpp_extension._write_ninja_file_and_build_library(
+                **args, extra_cuda_cflags=[], extra_sycl_cflags=[], extra_include_paths=[], with_cuda=False,
+                with_sycl=False)
         logger.info("built the CPU extension for %s in %.1f s: %s", isa, time.perf_counter() - start, library)
     return library
 
