@@ -26,7 +26,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -85,10 +84,10 @@ def ensure_vllm(venv: Path, log: Path) -> Path:
     return vllm
 
 
-def model_dir(tmp: Path) -> Path:
-    """The peer config with this project's bundled tokenizer (same vocabulary, 49152) beside it."""
-    path = tmp / "peer-model"
-    path.mkdir()
+def model_dir(path: Path) -> Path:
+    """The peer config with this project's bundled tokenizer (same vocabulary, 49152) beside it. A fixed path
+    (default under the cache directory): vLLM keys its compile cache on it, so only the first start compiles."""
+    path.mkdir(parents=True, exist_ok=True)
     shutil.copy(PEER_CONFIG, path / "config.json")
     shutil.copy(ROOT / "server" / "tokenizer.json", path / "tokenizer.json")
     return path
@@ -131,8 +130,15 @@ def drive(url: str, model: str | None, args: argparse.Namespace) -> dict[str, An
     argv = ["--url", url, "--concurrency", args.concurrency, "--prompt-len", str(args.prompt_len),
             "--output-len", str(args.output_len)]
     argv += ["--model", model] if model else []
-    argv += ["--num-requests", str(args.num_requests)] if args.num_requests else []
-    return serve.main(argv)
+    if args.waves is None:
+        argv += ["--num-requests", str(args.num_requests)] if args.num_requests else []
+        return serve.main(argv)
+    # --waves N: N x concurrency requests per level (at least 4), each level run on its own.
+    levels = []
+    for conc in (int(c) for c in args.concurrency.split(",")):
+        one = [*argv, "--concurrency", str(conc), "--num-requests", str(max(4, args.waves * conc))]
+        levels += serve.main(one)["levels"]
+    return {"url": url, "prompt_len": args.prompt_len, "output_len": args.output_len, "levels": levels}
 
 
 def run_vllm(setup: str, vllm: Path, model: Path, args: argparse.Namespace, logs: Path) -> dict[str, Any]:
@@ -254,12 +260,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--num-requests", type=int, default=None, help="per level (default: serve.py's)")
+    parser.add_argument("--waves", type=int, default=None,
+                        help="instead: N x concurrency requests per level, at least 4 (a shorter run)")
     parser.add_argument("--dtype", default="bfloat16", help="this server's --dtype")
     parser.add_argument("--server-args", default="", help="extra flags for this server, e.g. '--quantization int8'")
     parser.add_argument("--setups", default=",".join(SETUPS), help="vLLM set-ups to run")
     parser.add_argument("--skip-vllm", action="store_true")
     parser.add_argument("--vllm-venv", default=None, help="default: <cache>/vllm-venv, cache = "
                                                           "$CUSTOMLLM_BENCH_CACHE or ~/.cache/customllm-bench")
+    parser.add_argument("--model-dir", default=None, help="where vLLM's model directory goes (default: "
+                                                          "<cache>/peer-model)")
     parser.add_argument("--startup-timeout", type=float, default=1800.0, help="seconds for vLLM to get healthy")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args(argv)
@@ -279,10 +289,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             vllm_error = f"vLLM could not be installed: {exc}"
             print(vllm_error, flush=True)
         else:
-            with tempfile.TemporaryDirectory(prefix="customllm-peer-") as tmp:
-                model = model_dir(Path(tmp))
-                for setup in args.setups.split(","):
-                    results[f"vllm-{setup}"] = run_vllm(setup, vllm, model, args, logs)
+            model = model_dir(Path(args.model_dir) if args.model_dir else cache_dir() / "peer-model")
+            for setup in args.setups.split(","):
+                results[f"vllm-{setup}"] = run_vllm(setup, vllm, model, args, logs)
+                (logs / "partial.json").write_text(json.dumps(results, indent=2))  # if the run is cut short
     results["customllm"] = run_ours(args, logs)
     rows = summarise(results)
     print_summary(rows)
