@@ -1,6 +1,6 @@
 # One command to serve, one to test. Every target sets up .venv first if it is missing or stale.
 #   make serve [MODEL=path] [HOST=0.0.0.0] [PORT=8000]
-#   make test | make lint | make bench | make bench-peer | make clean | make distclean
+#   make test | make test-image | make lint | make bench | make bench-peer | make clean | make distclean
 
 # The interpreter that builds .venv: the first of python3, python3.13, python3.12, python3.11 on PATH that is
 # Python >= 3.11 (PYTHON=/path/to/python picks another). The install step says so when none is.
@@ -24,7 +24,7 @@ PORT  ?= 8000
 BENCH ?= bench/run_all.py
 PEER_ARGS ?=
 
-.PHONY: install serve test lint typecheck bench bench-peer clean distclean
+.PHONY: install serve test test-image lint typecheck bench bench-peer clean distclean
 
 install: $(STAMP)
 
@@ -56,7 +56,12 @@ test: $(STAMP)
 	$(BIN)/mypy
 	# Build the CPU extension once up front, so no test's server start pays for the compile (it is cached).
 	$(BIN)/python -m model.ops.cpu_extension build || echo 'CPU extension not built: the tests run the torch paths'
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -rs
+
+# Only the image tests (tests/image/): builds the image with podman (docker/podman/) or docker, runs it and the
+# compose stack. They skip, saying why, where containers cannot run.
+test-image: $(STAMP)
+	$(BIN)/pytest -q -rs tests/image
 
 bench: $(STAMP)
 	$(BIN)/pip install -q -e '.[bench]'
