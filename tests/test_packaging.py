@@ -38,7 +38,8 @@ def _bind_mounts(service: dict[str, Any]) -> list[tuple[str, str]]:
     mounts = []
     for volume in service.get("volumes", []):
         if isinstance(volume, str):
-            source, target = volume.split(":")[:2]
+            # ${VAR:-default}: what compose mounts when VAR is unset.
+            source, target = re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", volume).split(":")[:2]
         else:
             source, target = volume.get("source", ""), volume["target"]
         if source.startswith((".", "/")):
@@ -93,7 +94,7 @@ def test_compose_services_and_mounted_paths_exist() -> None:
     assert (ROOT / "Dockerfile").is_file()
     assert "8000:8000" in services["server"]["ports"]
     assert ("./models", "/models") in _bind_mounts(services["server"])
-    assert any(v.endswith(":ro") for v in services["server"]["volumes"] if v.startswith("./models"))
+    assert any(v.endswith(":ro") for v in services["server"]["volumes"] if "./models" in v)
     for name, service in services.items():
         for source, _ in _bind_mounts(service):
             if source in USER_DATA_MOUNTS:

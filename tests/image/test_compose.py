@@ -85,7 +85,7 @@ def _wait_for(what: str, probe: Callable[[], T | None], timeout: float = STACK_T
 @pytest.fixture(scope="module")
 def stack(engine: Engine, server_image: str, prometheus_image: str, models_dir: Path) -> Iterator[Stack]:
     compose = [*_compose(engine), "-p", PROJECT, *COMPOSE_FILES]
-    env = dict(engine.env, CUSTOMLLM_TEST_MODELS=str(models_dir), CUSTOMLLM_SERVER_IMAGE=server_image,
+    env = dict(engine.env, CUSTOMLLM_MODELS_DIR=str(models_dir), CUSTOMLLM_SERVER_IMAGE=server_image,
                CUSTOMLLM_PROMETHEUS_IMAGE=prometheus_image)
     assert server_image == SERVER_IMAGE and prometheus_image == PROMETHEUS_IMAGE
     _run([*compose, "up", "-d"], env)
@@ -126,7 +126,7 @@ def test_prometheus_scrapes_the_server_over_the_compose_network(stack: Stack) ->
 
 def test_the_gpu_override_parses(engine: Engine) -> None:
     compose = _compose(engine)
-    env = dict(engine.env, CUSTOMLLM_TEST_MODELS="/nonexistent")
+    env = dict(engine.env, CUSTOMLLM_MODELS_DIR="/nonexistent")
     out = _run([*compose, "-f", str(ROOT / "docker-compose.yml"), "-f", str(ROOT / "docker-compose.gpu.yml"),
                 "config"], env, timeout=60)
     assert "nvidia" in out and "customllm-server:cuda" in out and "nvidia/cuda" in out, out

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ import httpx
 import pytest
 
 from bench.local_server import free_port
+from model.ops.cpu_extension import detect_isa
 from tests.image.engine import Engine
 from tests.server.live import TINY_SERVE
 from tests.server.sse import DONE, iter_sse
@@ -139,6 +141,26 @@ def test_the_read_only_mounted_checkpoint_is_served(engine: Engine, container: C
     # Even root inside the container cannot write to the mount.
     result = engine.run("exec", "--user", "0", container.name, "touch", "/models/tiny/probe", check=False)
     assert result.returncode != 0 and "read-only" in (result.stdout + result.stderr).lower(), result
+
+
+def test_the_runtime_stage_has_no_compiler(engine: Engine, container: Container) -> None:
+    found = engine.run("exec", container.name, "sh", "-c", "command -v gcc g++ cc c++ || true").stdout
+    assert found.strip() == "", f"compilers in the runtime image: {found}"
+
+
+def test_the_container_logs_its_backends_and_runs_the_cpu_extension(engine: Engine, container: Container) -> None:
+    """The builder prebuilt the extension for every ISA level: a CPU with AVX2 gets a C++ decode path."""
+    logs = _logs(engine, container.name)
+    backends = dict(re.findall(r"(linear|MLA decode|MoE experts) backend for cpu [\w.]+: (\S+)", logs))
+    print(f"backends in the container: {backends}")
+    assert {"linear", "MLA decode", "MoE experts"} <= set(backends), logs
+    isa = detect_isa()  # the container sees the host's CPU
+    if isa is None:
+        assert "lacks AVX2/FMA" in logs and backends["MLA decode"] == "torch"
+        pytest.skip("this CPU lacks AVX2/FMA: the torch paths are the right ones here (asserted)")
+    assert f"CPU extension loaded ({isa})" in logs, logs
+    assert backends["MLA decode"] == "cpp", logs
+    assert "unavailable" not in logs and "self-check" not in logs, logs
 
 
 def test_sigterm_drains_the_stream_in_flight_and_exits_zero(engine: Engine, container: Container) -> None:
