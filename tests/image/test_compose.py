@@ -108,9 +108,16 @@ def stack(engine: Engine, server_image: str, prometheus_image: str, models_dir: 
 
 
 def test_prometheus_scrapes_the_server_over_the_compose_network(stack: Stack) -> None:
-    up = _wait_for("Prometheus to scrape server:8000", lambda: _prometheus_value(stack.prometheus_url,
-                                                                                   'up{instance="server:8000"}'))
-    assert up == 1.0
+    def scraped() -> float | None:
+        # A scrape before the server listened leaves up = 0; wait for a successful one (every 5 s).
+        value = _prometheus_value(stack.prometheus_url, 'up{instance="server:8000"}')
+        return value if value == 1.0 else None
+
+    try:
+        _wait_for("Prometheus to scrape server:8000 (up = 1)", scraped, timeout=90)
+    except AssertionError as exc:
+        targets = httpx.get(stack.prometheus_url + "/api/v1/targets", timeout=5).json()
+        raise AssertionError(f"{exc}; targets: {targets['data']['activeTargets']}") from None
     query = "customllm_generation_tokens_total"
     before = _wait_for("a first sample of the token counter", lambda: _prometheus_value(stack.prometheus_url, query))
     reply = httpx.post(stack.server_url + "/v1/completions",
