@@ -24,6 +24,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 FROM base AS builder
 ARG PYTHON=python3.11
+# The CPU extension's compiler (model/csrc, built below): in the builder only. The runtime stage gets the built
+# library and no compiler. First in the stage, so that a change of the code keeps this layer and torch's.
+RUN apt-get update \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends g++ "${PYTHON}-dev" \
+    && rm -rf /var/lib/apt/lists/*
 # Where torch comes from: the CPU-only index by default (about 200 MB instead of several GB);
 # empty = PyPI, whose Linux wheels are CUDA builds.
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
@@ -36,15 +41,23 @@ COPY pyproject.toml LICENSE NOTICE ./src/
 COPY model ./src/model
 COPY server ./src/server
 RUN pip install ./src && rm -rf ./src
+# Prebuilt for every ISA level (AVX2, AVX-512, AVX-512-BF16), so that the image runs its fast paths on whatever
+# x86 CPU it lands on, not only the build machine's; a CPU below AVX2 gets the torch paths (logged).
+# Only the libraries are kept, not the objects.
+ENV CUSTOMLLM_EXTENSION_DIR=/opt/customllm/extension
+RUN python -m model.ops.cpu_extension build --isa all \
+    && find "${CUSTOMLLM_EXTENSION_DIR}" -type f ! -name '*.so' -delete
 
 FROM base AS runtime
 COPY --from=builder /opt/venv /opt/venv
+COPY --from=builder /opt/customllm/extension /opt/customllm/extension
 RUN useradd --system --uid 10001 --create-home --home-dir /home/customllm customllm \
     && mkdir -p /models && chown customllm /models
 USER customllm
 WORKDIR /home/customllm
 # The server binds 127.0.0.1 by default; inside the container it must listen on all interfaces.
 ENV PATH=/opt/venv/bin:$PATH \
+    CUSTOMLLM_EXTENSION_DIR=/opt/customllm/extension \
     CUSTOMLLM_HOST=0.0.0.0 \
     CUSTOMLLM_PORT=8000
 VOLUME /models

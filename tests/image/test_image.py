@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from bench.local_server import free_port
+from model.ops import cpu_extension
 from tests.image.engine import Engine
 from tests.server.live import TINY_SERVE
 from tests.server.sse import DONE, iter_sse
@@ -150,12 +151,16 @@ def test_the_runtime_stage_has_no_compiler(engine: Engine, container: Container)
 
 
 def test_the_container_logs_its_backends(engine: Engine, container: Container) -> None:
-    """Which fast path runs is logged once at load (the CPU extension is not built into the image yet)."""
+    """Which fast path runs is logged once at load; on a CPU the extension supports (AVX2 and up), the image's
+    prebuilt extension runs, not the torch fallback (the runtime stage has no compiler to build one)."""
     logs = _logs(engine, container.name)
     backends = dict(re.findall(r"(linear|MLA decode|MoE experts) backend for cpu [\w.]+: (\S+)", logs))
     print(f"backends in the container: {backends}")
     assert {"linear", "MLA decode", "MoE experts"} <= set(backends), logs
     assert "CPU extension" in logs, logs
+    if cpu_extension.detect_isa() is not None:
+        assert "CPU extension loaded" in logs, logs
+        assert backends["MLA decode"] == "cpp" and backends["MoE experts"] == "cpp", backends
 
 
 def test_sigterm_drains_the_stream_in_flight_and_exits_zero(engine: Engine, container: Container) -> None:
