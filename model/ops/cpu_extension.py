@@ -20,6 +20,7 @@ import hashlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +122,21 @@ def load() -> bool:
         return False
     logger.info("CPU extension loaded (%s): %s", isa, library)
     return True
+
+
+def kernel_usable(op: str, name: str, device: torch.device, dtype: torch.dtype,
+                  self_check: Callable[[torch.dtype], bool], possible: bool = True) -> bool:
+    """Whether `op`'s C++ kernel is the backend for this device and dtype: asked for ("auto" or "cpp"), possible
+    (the caller's own condition), CPU bf16/fp32, the extension loads and the kernel passes its self-check.
+    Backend name "cpp" insists: a ValueError when the kernel cannot run."""
+    usable = (name != "torch" and possible and device.type == "cpu" and dtype in (torch.bfloat16, torch.float32)
+              and load())
+    if usable and not self_check(dtype):
+        logger.warning("%s kernel failed its self-check in %s; using the torch path", op, dtype)
+        usable = False
+    if name == "cpp" and not usable:
+        raise ValueError(f"{op} backend cpp is not usable on {device} with {dtype}")
+    return usable
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -153,13 +153,7 @@ def select_mla_decode(device: torch.device, dtype: torch.dtype, name: str = "aut
             return TritonMLADecode()
         if name == "triton":
             raise ValueError(f"MLA decode backend triton is not usable on {device} with {dtype}")
-    usable = (name != "torch" and device.type == "cpu" and dtype in (torch.bfloat16, torch.float32)
-              and cpu_extension.load())
-    if usable and not _self_check(dtype):
-        logger.warning("MLA decode kernel failed its self-check in %s; using the torch path", dtype)
-        usable = False
-    if name == "cpp" and not usable:
-        raise ValueError(f"MLA decode backend cpp is not usable on {device} with {dtype}")
+    usable = cpu_extension.kernel_usable("MLA decode", name, device, dtype, _self_check)
     backend = CppMLADecode() if usable else TorchMLADecode()
     logger.info("MLA decode backend for %s %s: %s", device, dtype, backend.name)
     return backend

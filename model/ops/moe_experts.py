@@ -110,13 +110,7 @@ def select_experts(device: torch.device, dtype: torch.dtype, dense_weights: bool
         if not dense_weights:
             raise ValueError(f"MoE experts backend {name} needs the dense stacked expert weights")
         return select_graph_safe_experts(device, dtype, "auto" if name == "auto" else name)
-    usable = (name != "torch" and dense_weights and device.type == "cpu" and dtype in (torch.bfloat16, torch.float32)
-              and cpu_extension.load())
-    if usable and not _self_check(dtype):
-        logger.warning("MoE experts kernel failed its self-check in %s; using the torch path", dtype)
-        usable = False
-    if name == "cpp" and not usable:
-        raise ValueError(f"MoE experts backend cpp is not usable on {device} with {dtype}")
+    usable = cpu_extension.kernel_usable("MoE experts", name, device, dtype, _self_check, possible=dense_weights)
     backend = CppExperts() if usable else TorchExperts()
     logger.info("MoE experts backend for %s %s: %s", device, dtype, backend.name)
     return backend
