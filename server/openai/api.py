@@ -29,6 +29,7 @@ from server.openai.protocol import (
     ErrorResponse,
     ModelCard,
     ModelList,
+    ResponsesRequest,
     TokenizeRequest,
     TokenizeResponse,
     chat_template_input,
@@ -38,13 +39,15 @@ from server.openai.serving import APIError, ServingLimits, check_unicode
 from server.openai.serving_chat import OpenAIServingChat
 from server.openai.serving_completions import OpenAIServingCompletion
 from server.openai.serving_render import OpenAIServingRender
+from server.openai.serving_responses import OpenAIServingResponses
 from server.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
-ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/completions/render", "/v1/chat/completions/render",
-          "/v1/models", "/tokenize", "/detokenize", "/health", "/get_load", "/version", "/metrics")
+ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/completions/render",
+          "/v1/chat/completions/render", "/v1/models", "/tokenize", "/detokenize", "/health", "/get_load", "/version",
+          "/metrics")
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -172,6 +175,7 @@ def create_app(engine: Engine, tokenizer: Tokenizer, settings: ServerSettings, m
     serving = OpenAIServingCompletion(engine, tokenizer, limits, grammars)
     serving_chat = OpenAIServingChat(engine, tokenizer, limits, grammars, chat_template)
     serving_render = OpenAIServingRender(serving, serving_chat)
+    serving_responses = OpenAIServingResponses(engine, tokenizer, limits, grammars, serving_chat)
     metrics.set_served_model_name(settings.served_model_name)
 
     @contextlib.asynccontextmanager
@@ -223,6 +227,10 @@ def create_app(engine: Engine, tokenizer: Tokenizer, settings: ServerSettings, m
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return unavailable() or await serving_chat.create_chat_completion(body, request)
+
+    @app.post("/v1/responses")
+    async def responses(body: ResponsesRequest, request: Request) -> Response:
+        return unavailable() or await serving_responses.create_response(body, request)
 
     # Tokenizer-only, so they answer while draining too: a router may render before it sees the 503 of /health.
     @app.post("/v1/completions/render")

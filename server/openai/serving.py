@@ -119,6 +119,16 @@ class OpenAIServing:
         except (FieldError, GrammarError) as exc:
             raise APIError(400, str(exc), param=exc.field) from exc
 
+    def room_for_output(self, num_prompt_tokens: int, param: str) -> int:
+        """The output tokens left by a rendered prompt when the request sets no limit; a 400 naming `param` (the
+        field the prompt came in) when it leaves none."""
+        room = self.limits.max_model_len - num_prompt_tokens
+        if room < 1:
+            raise APIError(400, f"this model's maximum context length is {self.limits.max_model_len} tokens, "
+                                f"and the {param} alone take {num_prompt_tokens} of them: no room is left for "
+                                "output", param=param)
+        return room
+
     def _validate_prompt(self, prompt: Prompt, params: SamplingParams, max_tokens_field: str = "max_tokens") -> None:
         try:
             self.engine.validate(prompt.token_ids, params)
@@ -214,6 +224,11 @@ async def drain(outputs: AsyncIterator[tuple[ChoiceBuilder, str, SequenceOutput]
     """Run a non-streaming request to its end; a sample the model failed on makes it a 500."""
     async for _ in outputs:
         pass
+    raise_if_failed(builders)
+
+
+def raise_if_failed(builders: list[ChoiceBuilder]) -> None:
+    """The 500 of a non-streaming request a sample of which the model failed on."""
     if any(b.finish_reason == "error" for b in builders):
         raise APIError(500, "the model failed while generating this request; it was not completed",
                        "InternalServerError")

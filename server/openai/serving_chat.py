@@ -28,7 +28,6 @@ from server.openai.protocol import (
     DeltaMessage,
     FinishReason,
     FunctionCallOut,
-    GrammarRequest,
     NamedToolChoice,
     ToolCallOut,
     TopLogprob,
@@ -45,7 +44,7 @@ from server.openai.serving import (
     sse,
     sse_response,
 )
-from server.openai.tool_parsers import HermesToolParser, forced_calls_grammar, parse_tool_calls
+from server.openai.tool_parsers import HermesToolParser, parse_tool_calls, tool_calls_grammar
 from server.tokenizer import Tokenizer
 
 
@@ -75,17 +74,6 @@ class OpenAIServingChat(OpenAIServing):
             raise APIError(400, f"cannot render messages: {exc}", param="messages") from exc
         return self.tokenizer.encode(text)
 
-    @staticmethod
-    def _tool_grammar(req: ChatCompletionRequest) -> GrammarRequest | None:
-        """The grammar that forces tool calls ("required" or a named function); for "auto", the same grammar
-        over all tools, compiled only to check their schemas."""
-        tools = req.tools or []
-        if isinstance(req.tool_choice, NamedToolChoice):
-            name = req.tool_choice.function.name
-            return GrammarRequest("grammar", forced_calls_grammar([t for t in tools if t.function.name == name],
-                                                                  parallel=False), "tool_choice")
-        return GrammarRequest("grammar", forced_calls_grammar(tools, req.parallel_tool_calls), "tools")
-
     def chat_prompt(self, req: ChatCompletionRequest) -> tuple[Prompt, SamplingParams]:
         """The rendered messages (with the tools in play) and the sampling parameters of a chat request (also
         what /render returns)."""
@@ -95,10 +83,7 @@ class OpenAIServingChat(OpenAIServing):
                                        req.continue_final_message, req.chat_template_kwargs)
         max_tokens = req.max_tokens_limit
         if max_tokens is None:
-            max_tokens = self.limits.max_model_len - len(token_ids)
-            if max_tokens < 1:
-                raise APIError(400, f"this model's maximum context length is {self.limits.max_model_len} tokens, "
-                                    f"but the messages take {len(token_ids)} tokens", param="messages")
+            max_tokens = self.room_for_output(len(token_ids), "messages")
         top = (req.top_logprobs or 0) if req.logprobs else None
         return Prompt(token_ids, ""), self._sampling_params(req, max_tokens, top, self.tokenizer.chat_stop_token_ids)
 
@@ -109,7 +94,8 @@ class OpenAIServingChat(OpenAIServing):
         tools = req.tools if choice != "none" else None
         tool_grammar = None
         if tools:
-            tool_grammar = await self._compile(lambda: self._tool_grammar(req))
+            named = req.tool_choice.function.name if isinstance(req.tool_choice, NamedToolChoice) else None
+            tool_grammar = await self._compile(lambda: tool_calls_grammar(tools or [], named, req.parallel_tool_calls))
         grammar = tool_grammar if choice in ("required", "named") else await self._compile(req.grammar_request)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())

@@ -14,7 +14,7 @@ import re
 import uuid
 from typing import Any
 
-from server.openai.protocol import ChatTool, DeltaFunctionCall, DeltaToolCall
+from server.openai.protocol import ChatTool, DeltaFunctionCall, DeltaToolCall, GrammarRequest
 
 CALL_START = "<tool_call>"
 CALL_END = "</tool_call>"
@@ -190,3 +190,12 @@ def forced_calls_grammar(tools: list[ChatTool], parallel: bool) -> str:
     return (f"start: call{repeat}\n"
             f'call: "{CALL_START}\\n" body "\\n{CALL_END}"\n'
             f"body: %json {json.dumps(schema, ensure_ascii=False)}\n")  # name before arguments, as the head
+
+
+def tool_calls_grammar(tools: list[ChatTool], named: str | None, parallel: bool) -> GrammarRequest:
+    """The grammar that forces tool calls (tool_choice "required", or the function `named`); for "auto", the same
+    grammar over all tools, compiled only to check their schemas."""
+    if named is not None:
+        return GrammarRequest("grammar", forced_calls_grammar([t for t in tools if t.function.name == named],
+                                                              parallel=False), "tool_choice")
+    return GrammarRequest("grammar", forced_calls_grammar(tools, parallel), "tools")

@@ -9,7 +9,7 @@ from server.openai.api import ServerSettings
 from tests.server.live import live_server
 
 CASES = 300
-OPERATIONS = {"POST /v1/completions", "POST /v1/chat/completions", "POST /v1/completions/render",
+OPERATIONS = {"POST /v1/completions", "POST /v1/chat/completions", "POST /v1/responses", "POST /v1/completions/render",
               "POST /v1/chat/completions/render", "POST /tokenize", "POST /detokenize", "GET /v1/models",
               "GET /health", "GET /get_load", "GET /version", "GET /metrics"}
 
@@ -18,7 +18,8 @@ def test_schema_declares_the_request_bodies(tiny_checkpoint: Path) -> None:
     # The fuzzer can only generate what the schema describes: every POST must document its JSON body.
     with live_server(tiny_checkpoint) as server, server.client() as client:
         spec = client.get("/openapi.json").json()
-    for path in ("/v1/completions", "/v1/chat/completions", "/v1/completions/render", "/v1/chat/completions/render",
+    for path in ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/completions/render",
+                 "/v1/chat/completions/render",
                  "/tokenize", "/detokenize"):
         body = spec["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
         assert "$ref" in body, (path, body)

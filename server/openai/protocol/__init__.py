@@ -47,6 +47,7 @@ from server.openai.protocol.errors import (
     describe_errors,
     describe_validation_error,
 )
+from server.openai.protocol.responses import ResponsesRequest
 from server.openai.protocol.structured import (
     GrammarRequest,
     JsonSchemaFormat,
@@ -111,6 +112,7 @@ __all__ = [
     "NamedToolChoice",
     "PromptLogprobEntry",
     "ResponseFormat",
+    "ResponsesRequest",
     "SamplingRequest",
     "StreamOptions",
     "StrictModel",
