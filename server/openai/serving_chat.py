@@ -72,6 +72,7 @@ class OpenAIServingChat(OpenAIServing):
                                              continue_final_message, kwargs)
         except (TypeError, ValueError, KeyError) as exc:
             raise APIError(400, f"cannot render messages: {exc}", param="messages") from exc
+        check_unicode(text, "messages")  # also what the checks above do not see (tool names, descriptions)
         return self.tokenizer.encode(text)
 
     def chat_prompt(self, req: ChatCompletionRequest) -> tuple[Prompt, SamplingParams]:

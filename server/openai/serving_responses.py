@@ -73,7 +73,8 @@ class OpenAIServingResponses(OpenAIServing):
         try:
             token_ids = self.chat.render_prompt(chat_template_input(req.messages), tools)
         except APIError as exc:
-            raise APIError(exc.status, exc.message, exc.type, "input") from exc
+            # Named by the field it came in: the messages are this request's input.
+            raise APIError(exc.status, exc.message.replace("messages", "input"), exc.type, "input") from exc
         max_tokens = req.max_output_tokens or self.room_for_output(len(token_ids), "input")
         params = SamplingParams(temperature=req.temperature, top_p=req.top_p, seed=req.seed, max_tokens=max_tokens,
                                 stop_token_ids=self.tokenizer.chat_stop_token_ids)

@@ -1,21 +1,18 @@
-"""POST /v1/responses: the request, its input items (turned into chat messages), and what a stateless server refuses.
+"""POST /v1/responses: the request, and what a stateless server refuses (input items: responses_input.py).
 
-Input items are parsed here, item by item, rather than as a pydantic union: a union's errors name the member they
-tried (`input.list[...].0.function_call.name`), while these name the field the client sent (`input[0].name`).
 Nothing is stored: an omitted `store` means "not stored" (OpenAI's default is true), `store: false` is accepted,
 and what needs stored state (`store: true`, `previous_response_id`, `conversation`, `background`) is a 400.
 """
 
-from collections.abc import Callable
-from typing import Any, Literal, Self, TypeVar
+from typing import Any, Literal, Self
 
-from pydantic import Field, PrivateAttr, ValidationError, model_validator
+from pydantic import Field, PrivateAttr, model_validator
 
 from server.openai.protocol.chat import ChatMessage
 from server.openai.protocol.common import MAX_LOGPROBS, FieldError, StrictModel
-from server.openai.protocol.errors import describe_validation_error
+from server.openai.protocol.responses_input import conversation, validate_as
 from server.openai.protocol.structured import NAME_PATTERN, GrammarRequest
-from server.openai.protocol.tools import MAX_TOOLS, ChatTool, FunctionCall, FunctionDefinition, ToolCall
+from server.openai.protocol.tools import MAX_TOOLS, ChatTool, FunctionDefinition
 
 MAX_METADATA_KEYS = 16  # OpenAI's limits on `metadata`
 MAX_METADATA_KEY_LEN = 64
@@ -29,12 +26,6 @@ _STATEFUL = {
     "prompt": "prompt (a stored prompt template) is not supported: this server stores no prompts",
     "context_management": "context_management is not supported: this server keeps no context between requests",
 }
-# Content parts per type: the fields each may carry.
-_PART_FIELDS = {"input_text": {"type", "text"}, "output_text": {"type", "text", "annotations", "logprobs"},
-                "refusal": {"type", "refusal"}}
-
-
-M = TypeVar("M", bound=StrictModel)
 
 
 class FunctionTool(StrictModel):
@@ -174,10 +165,11 @@ class ResponsesRequest(StrictModel):
         if self.stream_options is not None and not self.stream:
             raise FieldError("stream_options", "stream_options is only allowed when stream is true")
         self._check_metadata()
-        self._tools = [_validate(FunctionTool, t, f"tools[{i}]", _tool_type_error) for i, t in
+        self._tools = [validate_as(FunctionTool, t, f"tools[{i}]", _tool_type_error) for i, t in
                        enumerate(self.tools or ())]
+        self._texts += [(f"tools[{i}].description", t.description) for i, t in enumerate(self._tools) if t.description]
         self._check_tool_choice()
-        self._messages = self._conversation()
+        self._messages = conversation(self.instructions, self.input, self._texts)
         return self
 
     def _check_metadata(self) -> None:
@@ -194,7 +186,7 @@ class ResponsesRequest(StrictModel):
         if len(set(names)) != len(names):
             raise FieldError("tools", "tools must have distinct function names")
         if isinstance(self.tool_choice, dict):
-            choice = _validate(FunctionToolChoice, self.tool_choice, "tool_choice", _tool_type_error)
+            choice = validate_as(FunctionToolChoice, self.tool_choice, "tool_choice", _tool_type_error)
             if choice.name not in names:
                 raise FieldError("tool_choice", f"tool_choice names the function {choice.name!r}, which is not "
                                                 f"in tools ({', '.join(names)})")
@@ -204,46 +196,6 @@ class ResponsesRequest(StrictModel):
         if kind in ("required", "named") and self.grammar_request() is not None:
             raise FieldError("tool_choice", f"tool_choice {kind!r} cannot be combined with a text.format "
                                             "other than text")
-
-    def _conversation(self) -> list[ChatMessage]:
-        """`instructions` and `input` as chat messages: a system turn, then the items in order, consecutive
-        function calls joined into one assistant turn (as chat carries them)."""
-        messages: list[ChatMessage] = []
-        if self.instructions is not None:
-            self._texts.append(("instructions", self.instructions))
-            messages.append(ChatMessage(role="system", content=self.instructions))
-        if isinstance(self.input, str):
-            self._texts.append(("input", self.input))
-            return [*messages, ChatMessage(role="user", content=self.input)]
-        if not self.input:
-            raise FieldError("input", "input must hold at least one item")
-        for i, item in enumerate(self.input):
-            where = f"input[{i}]"
-            kind = item.get("type", "message")
-            if kind == "message":
-                msg = _validate(MessageItem, item, where)
-                text = _content_text(msg.content, msg.role, f"{where}.content")
-                self._texts.append((f"{where}.content", text))
-                messages.append(ChatMessage(role=msg.role, content=text))
-            elif kind == "function_call":
-                call = _validate(FunctionCallItem, item, where)
-                self._texts.append((f"{where}.arguments", call.arguments))
-                tool_call = ToolCall(id=call.call_id, function=FunctionCall(name=call.name, arguments=call.arguments))
-                last = messages[-1] if messages else None
-                if last is not None and last.role == "assistant":
-                    last.tool_calls = [*(last.tool_calls or ()), tool_call]
-                else:
-                    messages.append(ChatMessage(role="assistant", tool_calls=[tool_call]))
-            elif kind == "function_call_output":
-                result = _validate(FunctionCallOutputItem, item, where)
-                text = _content_text(result.output, "tool", f"{where}.output")
-                self._texts.append((f"{where}.output", text))
-                messages.append(ChatMessage(role="tool", content=text, tool_call_id=result.call_id))
-            else:
-                raise FieldError(f"{where}.type", f"input items of type {kind!r} are not supported: only message, "
-                                                  "function_call and function_call_output (this server is "
-                                                  "stateless and takes text only)")
-        return messages
 
     @property
     def function_tools(self) -> list[FunctionTool]:
@@ -277,38 +229,6 @@ class ResponsesRequest(StrictModel):
         return fmt.grammar() if fmt is not None else None
 
 
-class MessageItem(StrictModel):
-    """An input message (also an earlier response's output message sent back); content is checked apart."""
-
-    type: Literal["message"] = "message"
-    role: Literal["user", "system", "developer", "assistant"]
-    content: Any
-    id: str | None = None
-    status: Literal["in_progress", "completed", "incomplete"] | None = None
-    phase: str | None = None
-
-
-class FunctionCallItem(StrictModel):
-    """A call an earlier response made, sent back with the conversation."""
-
-    type: Literal["function_call"]
-    call_id: str
-    name: str
-    arguments: str
-    id: str | None = None
-    status: Literal["in_progress", "completed", "incomplete"] | None = None
-
-
-class FunctionCallOutputItem(StrictModel):
-    """The result of a call, answering its call_id."""
-
-    type: Literal["function_call_output"]
-    call_id: str
-    output: Any
-    id: str | None = None
-    status: Literal["in_progress", "completed", "incomplete"] | None = None
-
-
 def _tool_type_error(raw: dict[str, Any], where: str) -> FieldError | None:
     kind = raw.get("type")
     if kind == "function":
@@ -316,44 +236,3 @@ def _tool_type_error(raw: dict[str, Any], where: str) -> FieldError | None:
     return FieldError(f"{where}.type", f"{where} of type {kind!r} is not supported: this server runs no built-in "
                                        "tools (web search, file search, computer use, code interpreter, MCP, image "
                                        "generation, ...); only function tools")
-
-
-def _validate(model: type[M], raw: Any, where: str,
-              precheck: Callable[[dict[str, Any], str], FieldError | None] | None = None) -> M:
-    """`raw` parsed as `model`; a FieldError naming the field as the client sent it (`input[2].call_id`)."""
-    if not isinstance(raw, dict):
-        raise FieldError(where, f"{where} must be an object")
-    if precheck is not None and (error := precheck(raw, where)) is not None:
-        raise error
-    try:
-        return model.model_validate(raw)
-    except ValidationError as exc:
-        message, param = describe_validation_error(exc)
-        raise FieldError(f"{where}.{param}" if param else where, f"{where}: {message}") from None
-
-
-def _content_text(content: Any, role: str, where: str) -> str:
-    """The text of a message's (or a call output's) content: a string, or text parts joined by newlines (as chat
-    joins them). Assistant turns may carry output_text and refusal parts (refusals are not rendered)."""
-    if isinstance(content, str):
-        return content
-    if not isinstance(content, list):
-        raise FieldError(where, f"{where} must be a string or a list of content parts")
-    allowed = ("input_text", "output_text", "refusal") if role == "assistant" else ("input_text",)
-    texts = []
-    for j, part in enumerate(content):
-        at = f"{where}[{j}]"
-        kind = part.get("type") if isinstance(part, dict) else None
-        if not isinstance(kind, str) or kind not in allowed:
-            raise FieldError(f"{at}.type", f"content parts of type {kind!r} are not supported in a {role} turn: "
-                                           f"only {', '.join(allowed)} (this server takes text only)")
-        assert isinstance(part, dict)
-        extra = sorted(set(part) - _PART_FIELDS[kind])
-        if extra:
-            raise FieldError(f"{at}.{extra[0]}", f"Unrecognized argument in a {kind} part: {extra[0]}")
-        value = part.get("refusal" if kind == "refusal" else "text")
-        if not isinstance(value, str):
-            raise FieldError(f"{at}.{'refusal' if kind == 'refusal' else 'text'}", f"{at} needs its text as a string")
-        if kind != "refusal":
-            texts.append(value)
-    return "\n".join(texts)
