@@ -144,6 +144,28 @@ def test_failed_step_with_n_and_streaming_chat(tiny_checkpoint: Path, monkeypatc
         _wait_for(lambda: _idle(server))
 
 
+def test_failed_step_on_responses(tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    body = {"input": "hi", "max_output_tokens": 5}
+    with live_server(tiny_checkpoint) as server, server.client() as client:
+        fault = StepFault(server.engine.runner.execute, InjectedFault("injected"))
+        monkeypatch.setattr(server.engine.runner, "execute", fault)
+        fault.armed = 1
+        assert_error(client.post("/v1/responses", json=body), 500)
+        fault.armed = 1
+        with client.stream("POST", "/v1/responses", json=body | {"stream": True}) as reply:
+            assert reply.status_code == 200
+            events = [json.loads(e) for e in iter_sse(reply)]
+        assert [e["type"] for e in events] == ["response.created", "response.in_progress", "response.output_item.added",
+                                               "response.content_part.added", "response.output_text.done",
+                                               "response.content_part.done", "response.output_item.done",
+                                               "response.failed"]
+        failed = events[-1]["response"]
+        assert failed["status"] == "failed" and failed["error"]["code"] == "server_error"
+        assert failed["output"][0]["status"] == "incomplete"
+        assert client.post("/v1/responses", json=body).json()["status"] == "incomplete"  # served again
+        _wait_for(lambda: _idle(server))
+
+
 def _kill_by_scheduler(server: LiveServer, monkeypatch: pytest.MonkeyPatch) -> None:
     def schedule() -> Any:
         raise RuntimeError("scheduler invariant broken (injected)")  # outside the step's model-failure handling
