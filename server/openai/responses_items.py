@@ -9,6 +9,7 @@ paths answer the same items.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
 from server.openai.protocol import DeltaToolCall
@@ -26,15 +27,35 @@ from server.openai.protocol.responses_output import (
     TextDeltaEvent,
     TextDoneEvent,
 )
+from server.openai.tool_parsers import HermesToolParser
+
+_AFTER_TAG_END = re.compile(r"(?<=>)")
 
 
 class OutputItems:
-    """Output items under construction; `sequence` numbers every event of the response in order."""
+    """Output items under construction; `sequence` numbers every event of the response in order. With
+    `parse_tools`, tool calls are parsed out of the text (the tools are in play)."""
 
-    def __init__(self, sequence: Iterator[int]) -> None:
+    def __init__(self, sequence: Iterator[int], parse_tools: bool) -> None:
         self.items: list[OutputItem] = []
         self._sequence = sequence
         self._open: OutputItem | None = None
+        self._parser = HermesToolParser() if parse_tools else None
+
+    def feed(self, text: str, finished: bool) -> list[ResponseEvent]:
+        """Events for generated text (`finished`: the output ends with it; what the parser holds back comes out)."""
+        if self._parser is None:
+            return self.text(text)
+        events: list[ResponseEvent] = []
+        # One parser feed returns its content and its calls apart, so it must not hold both a call's end and the text
+        # after it (the text would come first): the text is cut after every '>', which ends any closing tag.
+        for piece in _AFTER_TAG_END.split(text):
+            content, calls = self._parser.feed(piece)
+            events += self.text(content) + self.calls(calls)
+        if finished:
+            content, calls = self._parser.finish()
+            events += self.text(content) + self.calls(calls)
+        return events
 
     @property
     def _index(self) -> int:

@@ -45,7 +45,7 @@ from server.openai.serving import (
     raise_if_failed,
 )
 from server.openai.serving_chat import OpenAIServingChat
-from server.openai.tool_parsers import HermesToolParser, tool_calls_grammar
+from server.openai.tool_parsers import tool_calls_grammar
 from server.tokenizer import Tokenizer
 
 _FAILED = {"error": "the model failed while generating this response",
@@ -121,15 +121,14 @@ class _ResponseRun:
         [self.builder] = builders
         self._outputs = serving._outputs(response_id, streams, builders)
         self._sequence: Iterator[int] = itertools.count()
-        self.items = OutputItems(self._sequence)
-        self._parser = HermesToolParser() if parse_tools else None
+        self.items = OutputItems(self._sequence, parse_tools)
         self.status: ResponseStatus = "in_progress"
 
     async def events(self) -> AsyncIterator[ResponseEvent]:
         yield self._lifecycle("response.created")
         yield self._lifecycle("response.in_progress")
         async for builder, text, _ in self._outputs:
-            for event in self._feed(text, finished=builder.finish_reason is not None):
+            for event in self.items.feed(text, finished=builder.finish_reason is not None):
                 yield event
         reason = self.builder.finish_reason
         self.status = "incomplete" if reason == "length" else "failed" if reason in _FAILED else "completed"
@@ -137,16 +136,6 @@ class _ResponseRun:
             yield event
         terminal = {"completed": "response.completed", "incomplete": "response.incomplete"}
         yield self._lifecycle(terminal.get(self.status, "response.failed"))
-
-    def _feed(self, text: str, finished: bool) -> list[ResponseEvent]:
-        if self._parser is None:
-            return self.items.text(text)
-        content, calls = self._parser.feed(text)
-        events = self.items.text(content) + self.items.calls(calls)
-        if finished:
-            content, calls = self._parser.finish()
-            events += self.items.text(content) + self.items.calls(calls)
-        return events
 
     def _lifecycle(self, kind: str) -> ResponseLifecycleEvent:
         return ResponseLifecycleEvent(type=kind, sequence_number=next(self._sequence), response=self.response())
