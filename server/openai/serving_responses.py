@@ -162,5 +162,6 @@ class _ResponseRun:
             temperature=req.temperature, top_p=req.top_p, text=text,
             tool_choice=req.tool_choice if req.tool_choice is not None else "auto",
             tools=[t.model_dump() for t in req.function_tools], usage=usage, user=req.user,
+            reasoning=req.reasoning.model_dump() if req.reasoning is not None else {"effort": None, "summary": None},
             safety_identifier=req.safety_identifier, prompt_cache_key=req.prompt_cache_key,
             service_tier=req.service_tier, metadata=req.metadata or {})

@@ -91,7 +91,7 @@ class ResponseObject(BaseModel):
     output: list[OutputItem] = Field(default_factory=list)
     parallel_tool_calls: bool
     previous_response_id: None = None
-    reasoning: dict[str, Any] = Field(default_factory=lambda: {"effort": None, "summary": None})
+    reasoning: dict[str, Any]
     store: bool = False
     background: bool = False
     temperature: float

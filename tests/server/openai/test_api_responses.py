@@ -13,47 +13,15 @@ import pytest
 
 from server.tokenizer import Tokenizer
 from tests.server.live import LiveServer
+from tests.server.openai.responses_helpers import R, respond, stable, stream_events
 from tests.server.openai.test_api_ops import idle, wait_for
 from tests.server.sse import assert_error, iter_sse
 
-R = "/v1/responses"
 MAX_MODEL_LEN = 512  # the tiny checkpoint's max_position_embeddings
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Tell me about printing."}]
 ORDER = ["response.created", "response.in_progress", "response.output_item.added", "response.content_part.added",
          "response.output_text.delta", "response.output_text.done", "response.content_part.done",
          "response.output_item.done"]
-VOLATILE = {"id", "created_at", "completed_at"}  # differ between two runs of one request, as do items' ids
-
-
-def respond(http: httpx.Client, **body: Any) -> dict[str, Any]:
-    response = http.post(R, json=body)
-    assert response.status_code == 200, response.text
-    return response.json()
-
-
-def stream_events(http: httpx.Client, **body: Any) -> list[tuple[str, dict[str, Any]]]:
-    """(event name, data) of every SSE event, checking that each `event:` line names its data's type."""
-    events = []
-    with http.stream("POST", R, json=body | {"stream": True}) as response:
-        assert response.status_code == 200, response.read()
-        assert response.headers["content-type"].startswith("text/event-stream")
-        names = []
-        for line in response.iter_lines():
-            if line.startswith("event: "):
-                names.append(line.removeprefix("event: "))
-            elif line.startswith("data: "):
-                events.append((names[-1], json.loads(line.removeprefix("data: "))))
-    assert len(names) == len(events) and all(name == data["type"] for name, data in events)
-    return events
-
-
-def stable(response: dict[str, Any]) -> dict[str, Any]:
-    """A response without its ids, times and prefix-cache hits (a second run finds the first's blocks), for
-    comparing two runs."""
-    out = {k: v for k, v in response.items() if k not in VOLATILE}
-    out["output"] = [{k: v for k, v in item.items() if k not in ("id", "call_id")} for item in response["output"]]
-    out["usage"] = response["usage"] | {"input_tokens_details": None}
-    return out
 
 
 def test_sdk_create_gives_the_text_chat_gives(oai: openai.OpenAI, http: httpx.Client, tok: Tokenizer) -> None:
@@ -167,12 +135,13 @@ def test_refused_fields_are_400_naming_the_field(http: httpx.Client, fields: dic
 def test_what_the_sdks_send_by_default_is_accepted(http: httpx.Client) -> None:
     # The Agents SDK always sends include (empty) and tools (empty); other fields are accepted at no-op values.
     body = {"input": "Hi", "max_output_tokens": 2, "include": [], "tools": [], "store": False, "truncation": "disabled",
-            "reasoning": {"effort": None, "summary": None}, "prompt_cache_key": "k", "user": "u", "background": False,
+            "reasoning": {"effort": "low", "summary": None}, "prompt_cache_key": "k", "user": "u", "background": False,
             "text": {"format": {"type": "text"}, "verbosity": "low"}, "service_tier": "auto", "top_logprobs": 0,
             "safety_identifier": "s", "parallel_tool_calls": True, "tool_choice": "auto"}
     resp = respond(http, **body)
     assert resp["store"] is False and resp["user"] == "u" and resp["prompt_cache_key"] == "k"
     assert resp["text"] == {"format": {"type": "text"}, "verbosity": "low"}
+    assert resp["reasoning"] == {"effort": "low", "summary": None, "generate_summary": None}
 
 
 def test_limits_apply(http: httpx.Client) -> None:

@@ -14,9 +14,7 @@ from pydantic import BaseModel
 
 from tests.server.live import LiveServer
 from tests.server.openai.biased import biased_checkpoint, oai, server  # noqa: F401  (fixtures)
-from tests.server.openai.test_api_responses import stable, stream_events
-
-R = "/v1/responses"
+from tests.server.openai.responses_helpers import R, stable, stream_events
 
 
 class City(BaseModel):
@@ -149,6 +147,17 @@ def test_openai_agents_default_model_plain_run(server: LiveServer) -> None:
     assert isinstance(result.final_output, str)
     [response] = result.raw_responses
     assert response.usage.input_tokens > 0 and response.response_id.startswith("resp_")
+
+
+def test_openai_agents_default_model_output_type(server: LiveServer) -> None:
+    from agents import Agent, ModelSettings, OpenAIResponsesModel, Runner, set_tracing_disabled
+
+    set_tracing_disabled(True)
+    # output_type makes the Agents SDK send text.format json_schema (strict), which the grammar enforces.
+    agent = Agent(name="a", output_type=City, model_settings=ModelSettings(max_tokens=200, extra_body={"seed": 1}),
+                  model=OpenAIResponsesModel(model="customllm", openai_client=_agents_client(server)))
+    result: Any = Runner.run_sync(agent, "A city?", max_turns=1)
+    assert isinstance(result.final_output, City)
 
 
 @pytest.mark.parametrize("streamed", [False, True])
