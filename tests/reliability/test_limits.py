@@ -15,13 +15,14 @@ import pytest
 from server.cli import build_parser
 from server.openai.api import ServerSettings
 from server.openai.protocol import MAX_LOGPROBS, MAX_N, MAX_STOP_STRING_LEN, MAX_STOP_STRINGS
+from server.openai.protocol.responses import MAX_METADATA_KEYS
 from server.openai.serving import MAX_CHOICES
 from tests.server.live import LiveServer, live_server
 from tests.server.sse import assert_error
 
 MAX_MODEL_LEN = 128
 BODY_LIMIT = 8192
-C, H = "/v1/completions", "/v1/chat/completions"
+C, H, R = "/v1/completions", "/v1/chat/completions", "/v1/responses"
 DOC = Path(__file__).resolve().parents[2] / "docs" / "limits.md"
 
 
@@ -60,6 +61,10 @@ BOUNDARIES: list[tuple[str, str, dict[str, Any], dict[str, Any], str, int]] = [
      {"prompt": [7] * MAX_MODEL_LEN, "max_tokens": 1}, "max_tokens", MAX_MODEL_LEN),
     ("prompt + max_tokens", C, {"prompt": [7] * 100, "max_tokens": MAX_MODEL_LEN - 100, "ignore_eos": True},
      {"prompt": [7] * 100, "max_tokens": MAX_MODEL_LEN - 99}, "max_tokens", MAX_MODEL_LEN),
+    ("metadata keys", R, {"input": "x", "max_output_tokens": 1,
+                          "metadata": {f"k{i}": "v" for i in range(MAX_METADATA_KEYS)}},
+     {"input": "x", "max_output_tokens": 1, "metadata": {f"k{i}": "v" for i in range(MAX_METADATA_KEYS + 1)}},
+     "metadata", MAX_METADATA_KEYS),
     ("choices per request", C, {"prompt": ["a"] * (MAX_CHOICES // MAX_N), "max_tokens": 1, "n": MAX_N},
      {"prompt": ["a"] * (MAX_CHOICES // MAX_N + 1), "max_tokens": 1, "n": MAX_N}, "n", MAX_CHOICES),
 ]
@@ -88,6 +93,21 @@ def test_prompt_over_the_context_names_the_numbers(http: httpx.Client) -> None:
     assert str(MAX_MODEL_LEN) in error["message"], error
 
 
+def test_responses_input_and_max_output_tokens_fill_the_context_at_most(http: httpx.Client) -> None:
+    messages = [{"role": "user", "content": "hi"}]
+    num_input = http.post("/tokenize", json={"messages": messages}).json()["count"]
+    room = MAX_MODEL_LEN - num_input
+    ok = http.post(R, json={"input": "hi", "max_output_tokens": room})
+    assert ok.status_code == 200 and ok.json()["usage"]["input_tokens"] == num_input, ok.text
+    for stream in (False, True):
+        error = assert_error(http.post(R, json={"input": "hi", "max_output_tokens": room + 1, "stream": stream}), 400,
+                             "max_output_tokens")
+        assert str(MAX_MODEL_LEN) in error["message"] and "max_output_tokens" in error["message"], error
+    # Without max_output_tokens the output may fill the context, but the input alone must fit.
+    error = assert_error(http.post(R, json={"input": "hi " * 300}), 400, "input")
+    assert str(MAX_MODEL_LEN) in error["message"], error
+
+
 def _body_of_size(size: int) -> bytes:
     head, tail = b'{"prompt": "', b'", "max_tokens": 1}'
     return head + b"a" * (size - len(head) - len(tail)) + tail
@@ -109,6 +129,7 @@ def test_every_limit_is_documented() -> None:
     expected = {
         "`n`": MAX_N, "`logprobs`": MAX_LOGPROBS, "`top_logprobs`": MAX_LOGPROBS, "`stop`": MAX_STOP_STRINGS,
         "stop string length": MAX_STOP_STRING_LEN, "choices per request": MAX_CHOICES,
+        "`/v1/responses` `metadata`": MAX_METADATA_KEYS,
         "--max-request-bytes": settings.max_request_bytes, "--max-queued-requests": settings.max_queued_requests,
     }
     assert defaults.max_request_bytes == settings.max_request_bytes

@@ -17,7 +17,7 @@ from server.openai.api import ServerSettings
 from tests.server.live import LiveServer, live_server
 from tests.server.sse import assert_error
 
-C, H = "/v1/completions", "/v1/chat/completions"
+C, H, R = "/v1/completions", "/v1/chat/completions", "/v1/responses"
 JSON = {"content-type": "application/json"}
 LEAKS = ("Traceback", 'File "', '.py"', ".py:", "/work", "site-packages")
 
@@ -94,6 +94,10 @@ ERROR_CASES: list[tuple[str, str, bytes, dict[str, str], int]] = [
     ("POST", C, b'{"prompt": "x", "temperature": 1e999}', JSON, 400),
     ("POST", C, b'{"prompt": "\\ud800 lone surrogate"}', JSON, 400),
     ("POST", H, b'{"messages": [{"role": "user", "content": "\\udfff"}]}', JSON, 400),
+    ("POST", R, b'{"input": [{"role": "user", "content": [{"type": "input_text", "text": "\\udfff"}]}]}', JSON, 400),
+    ("POST", R, b'{"input": ' + b"[" * 30_000 + b"]" * 30_000 + b"}", JSON, 400),
+    ("POST", R, b'{"input": "x", "max_output_tokens": ' + b"9" * 5000 + b"}", JSON, 400),
+    ("POST", R, b'{"input": [{"type": "function_call_output", "call_id": "c", "output": 7}]}', JSON, 400),
     ("POST", "/tokenize", b'{"prompt": "\\ud83d"}', JSON, 400),
     ("POST", "/tokenize", b'{"messages": [{"role": "user", "content": "\\ud83d"}]}', JSON, 400),
     ("POST", C, b'{"prompt": [1e400]}', JSON, 400),
