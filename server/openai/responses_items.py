@@ -10,9 +10,9 @@ paths answer the same items.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
-from server.openai.protocol import DeltaToolCall
+from server.openai.protocol import ChatCompletionLogprob, DeltaToolCall
 from server.openai.protocol.responses_output import (
     ArgumentsDeltaEvent,
     ArgumentsDoneEvent,
@@ -40,12 +40,15 @@ class OutputItems:
         self.items: list[OutputItem] = []
         self._sequence = sequence
         self._open: OutputItem | None = None
+        self._pending_logprobs: list[ChatCompletionLogprob] = []
         self._parser = HermesToolParser() if parse_tools else None
 
-    def feed(self, text: str, finished: bool) -> list[ResponseEvent]:
-        """Events for generated text (`finished`: the output ends with it; what the parser holds back comes out)."""
+    def feed(self, text: str, finished: bool, logprobs: Sequence[ChatCompletionLogprob] = ()) -> list[ResponseEvent]:
+        """Events for generated text (`finished`: the output ends with it; what the parser holds back comes out), and
+        the logprobs of the tokens that made it (without tools in play: the request's checks see to that)."""
         if self._parser is None:
-            return self.text(text)
+            return self.text(text, logprobs)
+        assert not logprobs, "no logprobs with tools in play"
         events: list[ResponseEvent] = []
         # One parser feed returns its content and its calls apart, so it must not hold both a call's end and the text
         # after it (the text would come first): the text is cut after every '>', which ends any closing tag.
@@ -61,16 +64,21 @@ class OutputItems:
     def _index(self) -> int:
         return len(self.items) - 1
 
-    def text(self, text: str) -> list[ResponseEvent]:
-        """Events for content text (opening a message item if the open item is not one)."""
+    def text(self, text: str, logprobs: Sequence[ChatCompletionLogprob] = ()) -> list[ResponseEvent]:
+        """Events for content text (opening a message item if the open item is not one). Logprobs of tokens that
+        add no text (the EOS that ends the output) wait for the next delta, or the text's done event."""
+        self._pending_logprobs += logprobs
         if not text:
             return []
         events = [] if isinstance(self._open, OutputMessage) else self._open_message()
         message = self._open
         assert isinstance(message, OutputMessage)
+        lp, self._pending_logprobs = self._pending_logprobs, []
         message.content[0].text += text
+        message.content[0].logprobs += lp
         events.append(TextDeltaEvent(type="response.output_text.delta", sequence_number=next(self._sequence),
-                                     item_id=message.id, output_index=self._index, content_index=0, delta=text))
+                                     item_id=message.id, output_index=self._index, content_index=0, delta=text,
+                                     logprobs=lp))
         return events
 
     def calls(self, deltas: list[DeltaToolCall]) -> list[ResponseEvent]:
@@ -120,8 +128,11 @@ class OutputItems:
         events: list[ResponseEvent] = []
         if isinstance(item, OutputMessage):
             part = item.content[0]
+            part.logprobs += self._pending_logprobs
+            self._pending_logprobs = []
             events.append(TextDoneEvent(type="response.output_text.done", sequence_number=next(self._sequence),
-                                        item_id=item.id, output_index=self._index, content_index=0, text=part.text))
+                                        item_id=item.id, output_index=self._index, content_index=0, text=part.text,
+                                        logprobs=list(part.logprobs)))
             events.append(ContentPartEvent(type="response.content_part.done", sequence_number=next(self._sequence),
                                            item_id=item.id, output_index=self._index, content_index=0,
                                            part=part.model_copy()))

@@ -15,12 +15,14 @@ from pydantic import BaseModel
 from server.engine.engine import Engine, EngineDeadError, RequestStream, SequenceOutput
 from server.engine.grammar import CompiledGrammar, GrammarCompiler, GrammarError, GrammarSpec
 from server.engine.sampling_params import SamplingParams
-from server.openai.choice import ChoiceBuilder
+from server.openai.choice import ChoiceBuilder, TokenLogprob
 from server.openai.protocol import (
+    ChatCompletionLogprob,
     ChatCompletionRequest,
     CompletionRequest,
     FieldError,
     GrammarRequest,
+    TopLogprob,
 )
 from server.tokenizer import Tokenizer
 
@@ -118,6 +120,16 @@ class OpenAIServing:
             return await self.grammars.compile_async(GrammarSpec(grammar.kind, grammar.source), grammar.field)
         except (FieldError, GrammarError) as exc:
             raise APIError(400, str(exc), param=exc.field) from exc
+
+    def token_logprobs(self, entries: list[TokenLogprob]) -> list[ChatCompletionLogprob]:
+        """Generated tokens' logprob entries in chat's shape (also the Responses API's): token text, logprob, UTF-8
+        bytes and the top alternatives."""
+        tok = self.tokenizer
+
+        def entry(token_id: int, lp: float) -> TopLogprob:
+            return TopLogprob(token=tok.token_text(token_id), logprob=lp, bytes=list(tok.token_bytes(token_id)))
+        return [ChatCompletionLogprob(**entry(e.token_id, e.logprob).model_dump(),
+                                      top_logprobs=[entry(t, lp) for t, lp in e.top]) for e in entries]
 
     def room_for_output(self, num_prompt_tokens: int, param: str) -> int:
         """The output tokens left by a rendered prompt when the request sets no limit; a 400 naming `param` (the

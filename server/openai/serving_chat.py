@@ -19,7 +19,6 @@ from server.openai.protocol import (
     ChatChoiceLogprobs,
     ChatCompletionChoice,
     ChatCompletionChunk,
-    ChatCompletionLogprob,
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatCompletionStreamChoice,
@@ -30,7 +29,6 @@ from server.openai.protocol import (
     FunctionCallOut,
     NamedToolChoice,
     ToolCallOut,
-    TopLogprob,
     UsageInfo,
     chat_template_input,
 )
@@ -109,14 +107,7 @@ class OpenAIServingChat(OpenAIServing):
         def logprobs_of(builder: ChoiceBuilder, start: int) -> ChatChoiceLogprobs | None:
             if not req.logprobs:
                 return None
-            tok = self.tokenizer
-
-            def entry(token_id: int, lp: float) -> TopLogprob:
-                return TopLogprob(token=tok.token_text(token_id), logprob=lp, bytes=list(tok.token_bytes(token_id)))
-            content = [ChatCompletionLogprob(**entry(e.token_id, e.logprob).model_dump(),
-                                             top_logprobs=[entry(t, lp) for t, lp in e.top])
-                       for e in builder.logprobs[start:]]
-            return ChatChoiceLogprobs(content=content)
+            return ChatChoiceLogprobs(content=self.token_logprobs(builder.logprobs[start:]))
 
         def usage() -> UsageInfo:
             return UsageInfo.of(len(token_ids), sum(b.num_tokens for b in builders))

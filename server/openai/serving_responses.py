@@ -77,7 +77,8 @@ class OpenAIServingResponses(OpenAIServing):
             raise APIError(exc.status, exc.message.replace("messages", "input"), exc.type, "input") from exc
         max_tokens = req.max_output_tokens or self.room_for_output(len(token_ids), "input")
         params = SamplingParams(temperature=req.temperature, top_p=req.top_p, seed=req.seed, max_tokens=max_tokens,
-                                stop_token_ids=self.tokenizer.chat_stop_token_ids)
+                                stop_token_ids=self.tokenizer.chat_stop_token_ids,
+                                logprobs=(req.top_logprobs or 0) if req.logprobs else None)
         return Prompt(token_ids, ""), params
 
     async def create_response(self, req: ResponsesRequest, request: Request) -> Response:
@@ -113,6 +114,7 @@ class _ResponseRun:
 
     def __init__(self, serving: OpenAIServingResponses, req: ResponsesRequest, response_id: str,
                  streams: list[RequestStream], builders: list[ChoiceBuilder], parse_tools: bool) -> None:
+        self._serving = serving
         self.req = req
         self.id = response_id
         self.created_at = int(time.time())
@@ -127,8 +129,12 @@ class _ResponseRun:
     async def events(self) -> AsyncIterator[ResponseEvent]:
         yield self._lifecycle("response.created")
         yield self._lifecycle("response.in_progress")
+        logprobs_sent = 0
         async for builder, text, _ in self._outputs:
-            for event in self.items.feed(text, finished=builder.finish_reason is not None):
+            # builder.logprobs only fills when the request included logprobs.
+            logprobs = self._serving.token_logprobs(builder.logprobs[logprobs_sent:])
+            logprobs_sent = len(builder.logprobs)
+            for event in self.items.feed(text, builder.finish_reason is not None, logprobs):
                 yield event
         reason = self.builder.finish_reason
         self.status = "incomplete" if reason == "length" else "failed" if reason in _FAILED else "completed"

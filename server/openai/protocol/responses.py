@@ -17,6 +17,7 @@ from server.openai.protocol.tools import MAX_TOOLS, ChatTool, FunctionDefinition
 MAX_METADATA_KEYS = 16  # OpenAI's limits on `metadata`
 MAX_METADATA_KEY_LEN = 64
 MAX_METADATA_VALUE_LEN = 512
+LOGPROBS_INCLUDE = "message.output_text.logprobs"
 
 # Fields a stateless server cannot honour, and why; each is a 400 naming it when set.
 _STATEFUL = {
@@ -150,15 +151,9 @@ class ResponsesRequest(StrictModel):
         if self.background:
             raise FieldError("background", "background: true is not supported: responses run while the request "
                                            "is open (there is no stored response to poll)")
-        if self.include:
-            raise FieldError("include", f"include {self.include} is not supported: this server adds no extra "
-                                        "output data (send [] or leave it out)")
         if self.truncation == "auto":
             raise FieldError("truncation", "truncation 'auto' is not supported: input that does not fit the "
                                            "context is a 400 (truncation 'disabled')")
-        if self.top_logprobs:
-            raise FieldError("top_logprobs", "top_logprobs is not supported on /v1/responses (only 0); "
-                                             "/v1/chat/completions returns logprobs")
         if self.max_tool_calls is not None:
             raise FieldError("max_tool_calls", "max_tool_calls is not supported (leave it out): this server runs "
                                                "no built-in tools, and parallel_tool_calls: false allows one call")
@@ -169,8 +164,26 @@ class ResponsesRequest(StrictModel):
                        enumerate(self.tools or ())]
         self._texts += [(f"tools[{i}].description", t.description) for i, t in enumerate(self._tools) if t.description]
         self._check_tool_choice()
+        self._check_logprobs()
         self._messages = conversation(self.instructions, self.input, self._texts)
         return self
+
+    def _check_logprobs(self) -> None:
+        other = [i for i in self.include or () if i != LOGPROBS_INCLUDE]
+        if other:
+            raise FieldError("include", f"include {other} is not supported: of the extra output data, this server "
+                                        f"has only {LOGPROBS_INCLUDE!r}")
+        if self.top_logprobs and not self.logprobs:
+            raise FieldError("top_logprobs", f"top_logprobs needs include [{LOGPROBS_INCLUDE!r}] (the logprobs "
+                                             "it gives alternatives to)")
+        if self.logprobs and self.effective_tool_choice != "none" and self._tools:
+            raise FieldError("include", f"include {LOGPROBS_INCLUDE!r} is not supported with tools in play (text "
+                                        "and calls come from one token stream); send tool_choice 'none' or no tools")
+
+    @property
+    def logprobs(self) -> bool:
+        """Whether the output text carries its tokens' logprobs (with top_logprobs alternatives)."""
+        return LOGPROBS_INCLUDE in (self.include or ())
 
     def _check_metadata(self) -> None:
         meta = self.metadata or {}

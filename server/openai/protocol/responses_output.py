@@ -9,6 +9,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from server.openai.protocol.chat import ChatCompletionLogprob
+
 ResponseStatus = Literal["completed", "incomplete", "failed", "in_progress"]
 ItemStatus = Literal["in_progress", "completed", "incomplete"]
 
@@ -19,10 +21,12 @@ def item_id(prefix: str) -> str:
 
 
 class OutputText(BaseModel):
+    """The text of a message; `logprobs` (chat's entry shape) when the request included them."""
+
     type: Literal["output_text"] = "output_text"
     text: str
     annotations: list[Any] = Field(default_factory=list)
-    logprobs: list[Any] = Field(default_factory=list)
+    logprobs: list[ChatCompletionLogprob] = Field(default_factory=list)
 
 
 class OutputMessage(BaseModel):
@@ -143,7 +147,7 @@ class TextDeltaEvent(ResponseEvent):
     output_index: int
     content_index: int
     delta: str
-    logprobs: list[Any] = Field(default_factory=list)
+    logprobs: list[ChatCompletionLogprob] = Field(default_factory=list)
 
 
 class TextDoneEvent(ResponseEvent):
@@ -151,7 +155,7 @@ class TextDoneEvent(ResponseEvent):
     output_index: int
     content_index: int
     text: str
-    logprobs: list[Any] = Field(default_factory=list)
+    logprobs: list[ChatCompletionLogprob] = Field(default_factory=list)
 
 
 class ArgumentsDeltaEvent(ResponseEvent):

@@ -93,7 +93,8 @@ REFUSED: list[tuple[dict[str, Any], str]] = [
     ({"background": True}, "background"),
     ({"conversation": "conv_1"}, "conversation"),
     ({"prompt": {"id": "pmpt_1"}}, "prompt"),
-    ({"include": ["message.output_text.logprobs"]}, "include"),
+    ({"include": ["reasoning.encrypted_content"]}, "include"),
+    ({"include": ["message.output_text.logprobs"], "tools": [{"type": "function", "name": "f"}]}, "include"),
     ({"truncation": "auto"}, "truncation"),
     ({"top_logprobs": 2}, "top_logprobs"),
     ({"max_tool_calls": 2}, "max_tool_calls"),
@@ -130,6 +131,26 @@ def test_refused_fields_are_400_naming_the_field(http: httpx.Client, fields: dic
     status = 404 if param == "model" else 400
     error = assert_error(http.post(R, json={"input": "Hi", "max_output_tokens": 2} | fields), status, param)
     assert param.split("[")[0].split(".")[0] in error["message"] or status == 404 or "type" in param
+
+
+def test_logprobs_are_chats(oai: openai.OpenAI, http: httpx.Client) -> None:
+    body = {"input": MESSAGES[1]["content"], "instructions": MESSAGES[0]["content"], "max_output_tokens": 6,
+            "temperature": 0, "include": ["message.output_text.logprobs"], "top_logprobs": 3}
+    [part] = respond(http, **body)["output"][0]["content"]
+    chat = http.post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 6, "temperature": 0,
+                                                   "logprobs": True, "top_logprobs": 3}).json()["choices"][0]
+    assert part["logprobs"] == chat["logprobs"]["content"] and len(part["logprobs"]) == 6
+    assert "".join(e["token"] for e in part["logprobs"]) == part["text"]
+    assert all(len(e["top_logprobs"]) == 3 for e in part["logprobs"])
+    events = stream_events(http, **body)
+    deltas = [e for name, data in events if name == "response.output_text.delta" for e in data["logprobs"]]
+    assert deltas == dict(events)["response.output_text.done"]["logprobs"] == part["logprobs"]
+    # The SDK's types read them (and the Agents SDK asks for them this way, with ModelSettings.top_logprobs).
+    resp = oai.responses.create(model="customllm", input="Hi", max_output_tokens=3, temperature=0,
+                                include=["message.output_text.logprobs"], top_logprobs=2)
+    logprobs = resp.output[0].content[0].logprobs  # type: ignore[union-attr]
+    assert logprobs is not None and len(logprobs) == 3 and len(logprobs[0].top_logprobs) == 2
+    assert respond(http, input="Hi", max_output_tokens=3)["output"][0]["content"][0]["logprobs"] == []
 
 
 def test_what_the_sdks_send_by_default_is_accepted(http: httpx.Client) -> None:
