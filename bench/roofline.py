@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.model_step import best_time, decode_step, load_seed_model, make_cache
 from model import ModelConfig, PagedLatentCache
+from model.ops.linear import select_linear_backend
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,10 +48,17 @@ def _best_of_rounds(fn: Callable[[], object], repeats: int, rounds: int = 3) -> 
 
 
 def measure_gemm(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of a size x size x size matmul."""
+    """FLOP/s of a size x size x size matmul: the best of torch's matmul and the linear backend the model
+    would run in this dtype (on a CPU without native bfloat16, torch's bfloat16 matmul takes a reference path
+    20-100x slower than the extension's kernel, which would make the bound meaningless)."""
     a = torch.randn(size, size).to(dtype)
     b = torch.randn(size, size).to(dtype)
-    return 2 * size**3 / _best_of_rounds(lambda: torch.mm(a, b), repeats)
+    backend = select_linear_backend("cpu", dtype)
+    weight = backend.prepare(b)
+    candidates = [lambda: backend.linear(a, weight)]
+    if backend.name != "cpp-bf16":  # cpp-bf16 runs exactly where torch's bfloat16 matmul is the slow path
+        candidates.append(lambda: torch.mm(a, b))
+    return max(2 * size**3 / _best_of_rounds(fn, repeats) for fn in candidates)
 
 
 def measure_read_bandwidth(megabytes: int = 1024, repeats: int = 5) -> float:
