@@ -2,6 +2,8 @@
 // or AVX-512 (16 lanes) from the -m flags the loader picks (model/ops/cpu_extension.py).
 #pragma once
 
+#include <immintrin.h>
+
 #include <cstdint>
 #include <cstring>
 
@@ -28,9 +30,18 @@ inline float hsum(vfloat v) {
   return s;
 }
 
-// bfloat16 is the top half of a float32: widen and shift (exact).
+// bfloat16 is the top half of a float32: widen and shift (exact). The intrinsics make it one vpmovzxwd from
+// memory and one shift; GCC lowers __builtin_convertvector to two half-width widens and an insert.
 inline vfloat load_bf16(const uint16_t* p) {
-  vu32 wide = __builtin_convertvector(*reinterpret_cast<const vbf16*>(p), vu32) << 16;
+#if defined(__AVX512F__)
+  const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  const __m512i wide = _mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16);
+#elif defined(__AVX2__)
+  const __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m256i wide = _mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16);
+#else
+  const vu32 wide = __builtin_convertvector(*reinterpret_cast<const vbf16*>(p), vu32) << 16;
+#endif
   vfloat out;
   std::memcpy(&out, &wide, sizeof(out));
   return out;

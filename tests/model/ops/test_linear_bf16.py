@@ -13,8 +13,10 @@ from tests.model.test_backend import _run, _tiny
 pytestmark = pytest.mark.skipif(not cpu_extension.load(), reason="CPU extension unavailable on this machine")
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 64, 67, 130])  # register tiles of 4 rows, blocks of 64
-@pytest.mark.parametrize(("out_features", "in_features"), [(48, 64), (37, 40), (5, 19)])  # 19: scalar tails only
+# Inner products below 16 rows (tiles of 4), outer products from 16 (panels of 16/32 rows, blocks of 128).
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 15, 16, 17, 64, 67, 130])
+# 19: scalar tails only; 1100: two feature blocks of the outer kernel (and a tail of 4).
+@pytest.mark.parametrize(("out_features", "in_features"), [(48, 64), (37, 40), (5, 19), (13, 1100)])
 @pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32])
 def test_matches_float32_linear(rows: int, out_features: int, in_features: int, x_dtype: torch.dtype) -> None:
     g = torch.Generator().manual_seed(rows * 1000 + out_features)

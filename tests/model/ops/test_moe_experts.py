@@ -26,7 +26,7 @@ def _experts(num: int, hidden: int, inter: int, seed: int) -> StackedExperts:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("tokens", [1, 2, 7, 70])  # 70: more rows than one GEMM row block
+@pytest.mark.parametrize("tokens", [1, 2, 7, 70, 150])  # 70, 150: outer-product GEMMs, 150 > 128-row blocks
 @pytest.mark.parametrize(("hidden", "inter"), [(32, 24), (20, 12)])  # 20/12: scalar tails
 def test_routed_and_shared_match_torch(dtype: torch.dtype, tokens: int, hidden: int, inter: int) -> None:
     g = torch.Generator().manual_seed(tokens)
