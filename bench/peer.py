@@ -307,8 +307,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "vllm_version": VLLM_VERSION, "vllm_error": vllm_error, "peer_config": json.loads(
                   PEER_CONFIG.read_text()), "summary": rows, "runs": results}
     (out_dir / f"peer-{stamp}.json").write_text(json.dumps(report, indent=2))
-    plot(rows, out_dir / f"peer-{stamp}.png")
-    print(f"wrote {out_dir / f'peer-{stamp}.json'} and .png (server logs in {logs})")
+    try:
+        plot(rows, out_dir / f"peer-{stamp}.png")
+    except ImportError:  # run outside `make bench-peer`, which installs the bench extra
+        print("no plot: matplotlib is not installed (pip install -e '.[bench]')")
+    print(f"wrote {out_dir / f'peer-{stamp}.json'} (and .png; server logs in {logs})")
     return report
 
 
