@@ -3,9 +3,10 @@
 Usage: python bench/gemm_ab.py [--base main] [--rounds 20] [--threads N] [--cases small,large]
                               [--variants old,new]
 
-Both versions of gemm.h are compiled into one throwaway extension (the old one under another namespace), so
-every figure comes from the same process. The variants alternate within each round and each figure is the
-best call over all rounds: a shared machine's drift hits both alike. Decode (M <= 8) is memory-bound: its
+`--base f93f2e3` is gemm.h (and vec.h) before the AVX2 rework. Both versions are compiled into one throwaway
+extension (the old one under another namespace), so every figure comes from the same process. The variants
+alternate within each round and each figure is the best call over all rounds: a shared machine's drift hits
+both alike. Decode (M <= 8) is memory-bound: its
 weights rotate over enough copies (> 2x L3) that they come from DRAM, as the model's 30 layers do; the figure
 is weight GB/s. Large M is FLOP-bound: GFLOP/s. Random inputs; not a test (the tests are tests/model/ops/).
 """
