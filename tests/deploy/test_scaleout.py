@@ -239,3 +239,24 @@ def test_a_replica_killed_under_load_fails_over_and_nothing_hangs(cluster: Clust
     assert [f.result().status_code for f in later] == [200] * 8
     # Requests cut off mid-generation answer an error (the router retries them elsewhere), never hang.
     assert all(f.result().status_code in (200, 500, 502, 503) for f in first)
+
+
+def test_responses_api_through_the_front(cluster: Cluster, front: Front) -> None:
+    """/v1/responses, whole and streamed, goes through either front to a replica and back unchanged."""
+    model = httpx.get(front.url + "/v1/models", timeout=30).json()["data"][0]["id"]
+    body = {"model": model, "input": "Say something.", "max_output_tokens": 4, "store": False}
+    reply = httpx.post(front.url + "/v1/responses", json=body, timeout=60)
+    assert reply.status_code == 200, reply.text
+    response = reply.json()
+    assert response["object"] == "response" and response["status"] == "incomplete"
+    assert response["output"][0]["type"] == "message" and response["usage"]["output_tokens"] == 4
+    types = []
+    with httpx.stream("POST", front.url + "/v1/responses", json=body | {"stream": True}, timeout=60) as streamed:
+        assert streamed.status_code == 200
+        for event in iter_sse(streamed):
+            types.append(json.loads(event)["type"])
+    assert types[:2] == ["response.created", "response.in_progress"] and types[-1] == "response.incomplete", types
+    assert types.count("response.output_text.delta") >= 1
+    # The front passes the replica's 400 (with the OpenAI error body) through.
+    refused = httpx.post(front.url + "/v1/responses", json=body | {"store": True}, timeout=60)
+    assert refused.status_code == 400 and "store" in refused.json()["error"]["message"]
