@@ -53,6 +53,22 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def wait_healthy(proc: subprocess.Popen[bytes], url: str, timeout: float, interval: float = 0.5) -> None:
+    """Poll `url`/health until it answers 200. RuntimeError if `proc` exits first or `timeout` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"exited with status {proc.returncode} during start-up")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"not healthy after {timeout:.0f} s")
+        time.sleep(interval)
+
+
 @contextmanager
 def local_server(model: str | None, extra_args: list[str], startup_timeout: float = 120.0) -> Iterator[LocalServer]:
     """Start `python -m server` on a free loopback port; stop it (SIGTERM, then SIGKILL) on exit."""
@@ -68,18 +84,10 @@ def local_server(model: str | None, extra_args: list[str], startup_timeout: floa
         # A SIGTERM to this script must still stop the server: turn it into SystemExit so `finally` runs.
         previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
         try:
-            deadline = time.monotonic() + startup_timeout
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"server exited with status {proc.returncode} during start-up: {cmd}")
-                try:
-                    if httpx.get(url + "/health", timeout=2).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"server not healthy after {startup_timeout:.0f} s")
-                time.sleep(0.2)
+            try:
+                wait_healthy(proc, url, startup_timeout, interval=0.2)
+            except RuntimeError as exc:
+                raise RuntimeError(f"server {exc}: {cmd}") from None
             yield LocalServer(url, proc.pid)
         finally:
             signal.signal(signal.SIGTERM, previous)

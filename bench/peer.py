@@ -30,14 +30,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 # Run as `python bench/peer.py`, sys.path starts at bench/: put the repository root first.
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench import serve  # noqa: E402
-from bench.local_server import free_port  # noqa: E402
+from bench.local_server import free_port, wait_healthy  # noqa: E402
 
 VLLM_VERSION = "0.32.0"
 TORCH_VERSION = "2.13.0"
@@ -93,18 +91,12 @@ def model_dir(path: Path) -> Path:
     return path
 
 
-def wait_healthy(proc: subprocess.Popen[bytes], url: str, timeout: float, log: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"exited with status {proc.returncode} during start-up:\n{tail(log)}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(2)
-    raise RuntimeError(f"not healthy after {timeout:.0f} s:\n{tail(log)}")
+def wait_started(proc: subprocess.Popen[bytes], url: str, timeout: float, log: Path) -> None:
+    """wait_healthy, with the end of the server's log in the error."""
+    try:
+        wait_healthy(proc, url, timeout, interval=2)
+    except RuntimeError as exc:
+        raise RuntimeError(f"{exc}:\n{tail(log)}") from None
 
 
 def tail(log: Path, lines: int = 25) -> str:
@@ -158,7 +150,7 @@ def run_vllm(setup: str, vllm: Path, model: Path, args: argparse.Namespace, logs
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        wait_healthy(proc, url, args.startup_timeout, log)
+        wait_started(proc, url, args.startup_timeout, log)
         print(f"vLLM {setup} healthy after {time.monotonic() - start:.0f} s", flush=True)
         return {"ok": True, "startup_s": time.monotonic() - start, "env": SETUPS[setup],
                 **drive(url, "peer", args)}
@@ -181,7 +173,7 @@ def run_ours(args: argparse.Namespace, logs: Path) -> dict[str, Any]:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=os.environ | {"PYTHONPATH": str(ROOT)}, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        wait_healthy(proc, url, 600, log)
+        wait_started(proc, url, 600, log)
         return {"ok": True, **drive(url, None, args)}
     finally:
         stop(proc)

@@ -13,16 +13,13 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
-
-import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench import baseline, roofline, serve  # noqa: E402
-from bench.local_server import free_port  # noqa: E402
+from bench.local_server import free_port, wait_healthy  # noqa: E402
 
 
 def start_server(model: str | None, dtype: str, port: int, max_num_seqs: int) -> subprocess.Popen[bytes]:
@@ -31,18 +28,12 @@ def start_server(model: str | None, dtype: str, port: int, max_num_seqs: int) ->
     if model:
         cmd += ["--model", model]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=os.environ | {"PYTHONPATH": str(ROOT)})
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        time.sleep(1)
-    proc.kill()
-    raise SystemExit("server did not become healthy in 300 s")
+    try:
+        wait_healthy(proc, f"http://127.0.0.1:{port}", 300, interval=1)
+    except RuntimeError as exc:
+        proc.kill()
+        raise SystemExit(f"server {exc}") from None
+    return proc
 
 
 def main() -> None:
