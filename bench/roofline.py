@@ -56,7 +56,9 @@ def measure_gemm(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> floa
     backend = select_linear_backend("cpu", dtype)
     weight = backend.prepare(b)
     candidates = [lambda: backend.linear(a, weight)]
-    if backend.name != "cpp-bf16":  # cpp-bf16 runs exactly where torch's bfloat16 matmul is the slow path
+    # torch's own matmul as a second candidate only beside a packed backend: "plain" is that matmul already,
+    # and cpp-bf16 runs exactly where torch's bfloat16 matmul is the slow reference path.
+    if backend.name not in ("plain", "cpp-bf16"):
         candidates.append(lambda: torch.mm(a, b))
     return max(2 * size**3 / _best_of_rounds(fn, repeats) for fn in candidates)
 
