@@ -9,11 +9,17 @@
 
 namespace customllm {
 
-#if defined(__AVX512F__)
-constexpr int kLanes = 16;
+// CUSTOMLLM_LANES=16 without AVX-512 (the loader's test-only level avx2-16lanes) compiles the 16-lane logic to
+// pairs of AVX2 instructions, so an AVX2 CPU can check AVX-512's tiling and tails against the torch oracle.
+#if defined(CUSTOMLLM_LANES)
+#define CUSTOMLLM_VEC_LANES CUSTOMLLM_LANES
+#elif defined(__AVX512F__)
+#define CUSTOMLLM_VEC_LANES 16
 #else
-constexpr int kLanes = 8;
+#define CUSTOMLLM_VEC_LANES 8
 #endif
+constexpr int kLanes = CUSTOMLLM_VEC_LANES;
+static_assert(kLanes == 8 || kLanes == 16, "CUSTOMLLM_LANES must be 8 or 16");
 
 // Unaligned, may-alias vector of floats: loads and stores through it compile to vmovups.
 typedef float vfloat __attribute__((vector_size(kLanes * 4), aligned(4), may_alias));
@@ -33,10 +39,10 @@ inline float hsum(vfloat v) {
 // bfloat16 is the top half of a float32: widen and shift (exact). The intrinsics make it one vpmovzxwd from
 // memory and one shift; GCC lowers __builtin_convertvector to two half-width widens and an insert.
 inline vfloat load_bf16(const uint16_t* p) {
-#if defined(__AVX512F__)
+#if CUSTOMLLM_VEC_LANES == 16 && defined(__AVX512F__)
   const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   const __m512i wide = _mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16);
-#elif defined(__AVX2__)
+#elif CUSTOMLLM_VEC_LANES == 8 && defined(__AVX2__)
   const __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   const __m256i wide = _mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16);
 #else

@@ -10,6 +10,13 @@ Builds are cached per ISA level, torch version and source hash under $CUSTOMLLM_
 (g++ and ninja needed, ~30 s). NOTE on images: the Docker builder prebuilds with `--isa all`, so an image built
 on one CPU carries a build for every level and a CPU of another level loads its own (an AVX2 build never runs
 AVX-512 code, and an AVX-512 CPU does not settle for the AVX2 build). A CPU below AVX2 gets the torch paths.
+
+Environment:
+- CUSTOMLLM_CPU_EXTENSION=0: do not load the extension (the torch paths everywhere).
+- CUSTOMLLM_EXTENSION_DIR: where builds are cached (above).
+- CUSTOMLLM_CPU_ISA=<level>: load this level instead of the detected one (an A/B of avx2 against avx512 on an
+  AVX-512 CPU; avx2-16lanes for the tests). A level this CPU cannot run is a logged warning naming the CPU flags
+  it lacks (an unknown name one listing the levels), and the detected level loads instead.
 """
 
 from __future__ import annotations
@@ -31,18 +38,24 @@ logger = logging.getLogger(__name__)
 _CSRC = Path(__file__).resolve().parent.parent / "csrc"
 _NAME = "customllm_cpu"
 
-# ISA level -> compiler flags, best first. Vector width comes from the flags (model/csrc/vec.h).
+# ISA level -> compiler flags. Vector width comes from the flags (model/csrc/vec.h).
 _ISA_FLAGS: dict[str, list[str]] = {
     "avx512-bf16": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma", "-mf16c"],
     "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
     "avx2": ["-mavx2", "-mfma", "-mf16c"],
+    # Test only: the AVX-512 builds' 16-lane kernel logic (tiles, tails, panels) in pairs of AVX2 instructions,
+    # so an AVX2 CPU checks it against the torch oracle. Slower than avx2: only ever loaded when forced.
+    "avx2-16lanes": ["-mavx2", "-mfma", "-mf16c", "-DCUSTOMLLM_LANES=16"],
 }
 # /proc/cpuinfo flags each level needs.
 _ISA_NEEDS: dict[str, set[str]] = {
     "avx512-bf16": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "fma"},
     "avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"},
     "avx2": {"avx2", "fma", "f16c"},
+    "avx2-16lanes": {"avx2", "fma", "f16c"},
 }
+# The levels a CPU is served with, best first: detect_isa() picks one, `build --isa all` builds them all.
+SERVING_ISAS = ("avx512-bf16", "avx512", "avx2")
 # -ffast-math lets the compiler reorder float sums (the kernels avoid infinities, see kNoScore).
 _COMMON_FLAGS = ["-O3", "-fopenmp", "-ffast-math", "-DNDEBUG", "-Wno-unused-function"]
 
@@ -61,7 +74,26 @@ def _cpu_flags() -> set[str]:
 def detect_isa() -> str | None:
     """The best ISA level this CPU runs, or None below AVX2/FMA (or off x86 Linux)."""
     flags = _cpu_flags()
-    return next((isa for isa, needs in _ISA_NEEDS.items() if needs <= flags), None)
+    return next((isa for isa in SERVING_ISAS if _ISA_NEEDS[isa] <= flags), None)
+
+
+def _chosen_isa() -> str | None:
+    """detect_isa(), or the level CUSTOMLLM_CPU_ISA forces where this CPU runs it (else a warning and the former)."""
+    forced, detected = os.environ.get("CUSTOMLLM_CPU_ISA", ""), detect_isa()
+    if not forced:
+        return detected
+    instead = detected or "none (the torch paths)"
+    if forced not in _ISA_FLAGS:
+        logger.warning("CUSTOMLLM_CPU_ISA=%s is not a level (expected one of %s); using the detected level %s",
+                       forced, ", ".join(_ISA_FLAGS), instead)
+        return detected
+    lacking = _ISA_NEEDS[forced] - _cpu_flags()
+    if lacking:
+        logger.warning("CUSTOMLLM_CPU_ISA=%s needs CPU flags this CPU lacks (%s); using the detected level %s",
+                       forced, ", ".join(sorted(lacking)), instead)
+        return detected
+    logger.info("CPU extension level %s forced by CUSTOMLLM_CPU_ISA (detected: %s)", forced, instead)
+    return forced
 
 
 def _sources() -> list[Path]:
@@ -102,16 +134,21 @@ def build(isa: str) -> Path:
     return library
 
 
-@functools.cache
 def load() -> bool:
     """Register torch.ops.customllm.* for this CPU (building it if needed); False, logged, when not possible."""
+    return loaded_isa() is not None
+
+
+@functools.cache
+def loaded_isa() -> str | None:
+    """The ISA level whose build `load()` registered (once per process), or None (logged) for the torch paths."""
     if os.environ.get("CUSTOMLLM_CPU_EXTENSION", "1") == "0":
         logger.info("CPU extension disabled by CUSTOMLLM_CPU_EXTENSION=0; using the torch paths")
-        return False
-    isa = detect_isa()
+        return None
+    isa = _chosen_isa()
     if isa is None:
         logger.info("CPU extension: this CPU lacks AVX2/FMA; using the torch paths")
-        return False
+        return None
     try:
         library = build_dir(isa) / f"{_NAME}.so"
         if not library.exists():
@@ -119,9 +156,9 @@ def load() -> bool:
         torch.ops.load_library(str(library))
     except (RuntimeError, OSError, ImportError) as exc:  # no compiler, failed build, unloadable library
         logger.warning("CPU extension (%s) unavailable (%s); using the torch paths", isa, str(exc).splitlines()[0])
-        return False
-    logger.info("CPU extension loaded (%s): %s", isa, library)
-    return True
+        return None
+    logger.info("CPU extension loaded (%s, %d-lane vectors): %s", isa, torch.ops.customllm.vector_lanes(), library)
+    return isa
 
 
 def kernel_usable(op: str, name: str, device: torch.device, dtype: torch.dtype,
@@ -142,7 +179,8 @@ def kernel_usable(op: str, name: str, device: torch.device, dtype: torch.dtype,
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["build"])
-    parser.add_argument("--isa", default="native", help="comma-separated levels, 'all', or 'native' (this CPU)")
+    parser.add_argument("--isa", default="native",
+                        help="comma-separated levels, 'all' (the serving levels), or 'native' (this CPU's)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.isa == "native":
@@ -151,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit("this CPU lacks AVX2/FMA: nothing to build (the server uses its torch paths)")
         levels = [native]
     else:
-        levels = list(_ISA_FLAGS) if args.isa == "all" else args.isa.split(",")
+        levels = list(SERVING_ISAS) if args.isa == "all" else args.isa.split(",")
     unknown = [isa for isa in levels if isa not in _ISA_FLAGS]
     if unknown:
         raise SystemExit(f"unknown ISA level(s) {unknown}; expected some of {list(_ISA_FLAGS)}, 'all' or 'native'")

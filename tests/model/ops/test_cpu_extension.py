@@ -37,3 +37,42 @@ def test_disabled_by_environment_falls_back_to_torch() -> None:
 def test_cli_rejects_unknown_isa() -> None:
     with pytest.raises(SystemExit, match="unknown ISA level"):
         cpu_extension.main(["build", "--isa", "avx9"])
+
+
+AVX2 = {"avx2", "fma", "f16c"}
+AVX512_BF16 = AVX2 | {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"}
+
+
+def test_detection_never_picks_the_test_level(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cpu_extension, "_cpu_flags", lambda: AVX2)
+    assert cpu_extension.detect_isa() == "avx2"
+    monkeypatch.setattr(cpu_extension, "_cpu_flags", lambda: AVX512_BF16)
+    assert cpu_extension.detect_isa() == "avx512-bf16"
+    assert "avx2-16lanes" in cpu_extension._ISA_FLAGS and "avx2-16lanes" not in cpu_extension.SERVING_ISAS
+
+
+def test_forced_level(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(cpu_extension, "_cpu_flags", lambda: AVX2)
+    for level in ("avx2-16lanes", "avx2"):
+        monkeypatch.setenv("CUSTOMLLM_CPU_ISA", level)
+        assert cpu_extension._chosen_isa() == level
+    # A level this CPU cannot run, or no level at all: warned, naming what is missing, and the detected one.
+    monkeypatch.setenv("CUSTOMLLM_CPU_ISA", "avx512-bf16")
+    assert cpu_extension._chosen_isa() == "avx2"
+    assert "CUSTOMLLM_CPU_ISA=avx512-bf16 needs CPU flags this CPU lacks (avx512_bf16, avx512bw" in caplog.text
+    monkeypatch.setenv("CUSTOMLLM_CPU_ISA", "avx9")
+    assert cpu_extension._chosen_isa() == "avx2"
+    expected = "expected one of avx512-bf16, avx512, avx2, avx2-16lanes"
+    assert f"CUSTOMLLM_CPU_ISA=avx9 is not a level ({expected})" in caplog.text
+    monkeypatch.setattr(cpu_extension, "_cpu_flags", lambda: set())
+    monkeypatch.setenv("CUSTOMLLM_CPU_ISA", "avx2")
+    assert cpu_extension._chosen_isa() is None
+    assert "using the detected level none (the torch paths)" in caplog.text
+
+
+def test_cli_all_builds_the_serving_levels(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(cpu_extension, "build", lambda isa: Path(isa))  # what would be built, not the compile
+    cpu_extension.main(["build", "--isa", "all"])
+    assert capsys.readouterr().out.split() == ["avx512-bf16", "avx512", "avx2"]
+    cpu_extension.main(["build", "--isa", "avx2-16lanes"])
+    assert capsys.readouterr().out.split() == ["avx2-16lanes"]

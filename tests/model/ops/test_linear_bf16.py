@@ -13,8 +13,9 @@ from tests.model.test_backend import _run, _tiny
 pytestmark = pytest.mark.skipif(not cpu_extension.load(), reason="CPU extension unavailable on this machine")
 
 
-# Inner products below 16 rows (tiles of 4), outer products from 16 (panels of 16/32 rows, blocks of 128).
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 15, 16, 17, 64, 67, 130])
+# Inner products below 16 rows (tiles of 4), outer products from 16 (panels of 2 vectors of rows: 16 at 8 lanes,
+# 32 at 16; blocks of 128): full, one-vector and ragged panels at both widths.
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 15, 16, 17, 31, 32, 33, 48, 64, 67, 130])
 # 19: scalar tails only; 1100: two feature blocks of the outer kernel (and a tail of 4).
 @pytest.mark.parametrize(("out_features", "in_features"), [(48, 64), (37, 40), (5, 19), (13, 1100)])
 @pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32])

@@ -20,17 +20,17 @@ TOL = {torch.float32: dict(atol=1e-5, rtol=1e-4), torch.bfloat16: dict(atol=1e-2
 
 
 def _case(context_lens: list[int], dtype: torch.dtype, seed: int = 0, heads: int = HEADS, latent: int = LATENT,
-          rope: int = ROPE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata]:
+          rope: int = ROPE, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata]:
     g = torch.Generator().manual_seed(seed)
-    blocks = [-(-n // BLOCK) for n in context_lens]
+    blocks = [-(-n // block) for n in context_lens]
     # Shuffled block ids, so a sequence's blocks are not contiguous in the cache.
     ids = (torch.randperm(sum(blocks), generator=g) + 1).tolist()
     tables, at = [], 0
     for nb in blocks:
         tables.append(ids[at:at + nb])
         at += nb
-    cache = (2 * torch.randn(sum(blocks) + 1, BLOCK, latent + heads * rope, generator=g)).to(dtype)
-    meta = AttentionMetadata.build([1] * len(context_lens), context_lens, tables, BLOCK)
+    cache = (2 * torch.randn(sum(blocks) + 1, block, latent + heads * rope, generator=g)).to(dtype)
+    meta = AttentionMetadata.build([1] * len(context_lens), context_lens, tables, block)
     q_lat = torch.randn(len(context_lens), heads, latent, generator=g).to(dtype)
     q_rope = torch.randn(len(context_lens), heads, rope, generator=g).to(dtype)
     return q_lat, q_rope, cache, meta
@@ -61,13 +61,24 @@ def test_block_boundaries(dtype: torch.dtype, k: int) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_splits", [0, 1])
+@pytest.mark.parametrize("block", [16, 32])
+def test_vector_widths_ragged(dtype: torch.dtype, num_splits: int, block: int) -> None:
+    # Blocks of 16 (the server's default) and 32 tokens: the softmax's vector exp runs over whole 8- or 16-lane
+    # chunks of a block's scores and a scalar tail (tiles of 1..32 tokens). Latent 40 and rope 24 are vectors and
+    # a tail of 8 at 16 lanes; 5 heads: a group of 4 (mix) or 3 (score) and the rest one by one.
+    _compare([1, 15, 16, 17, 31, 33, 50], dtype, num_splits, heads=5, latent=40, rope=24, block=block)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_seed_shapes(dtype: torch.dtype) -> None:
     # The seed model's head layout (12 heads, latent 192, rope 32): the vector loops without tails.
     _compare([17, 64, 3], dtype, num_splits=0, heads=12, latent=192, rope=32)
 
 
-def test_more_splits_than_blocks_and_large_scores() -> None:
-    q_lat, q_rope, cache, meta = _case([6, 2], torch.float32)
+@pytest.mark.parametrize("block", [BLOCK, 16])  # 16: the vector exp too
+def test_more_splits_than_blocks_and_large_scores(block: int) -> None:
+    q_lat, q_rope, cache, meta = _case([6 * block // BLOCK, 2], torch.float32, block=block)
     q_lat *= 30  # scores in the hundreds: the online softmax must rescale without overflow
     want = TorchMLADecode().mix(q_lat, q_rope, cache, meta, 0.3)
     got = CppMLADecode(num_splits=8).mix(q_lat, q_rope, cache, meta, 0.3)

@@ -27,7 +27,8 @@ def _experts(num: int, hidden: int, inter: int, seed: int) -> StackedExperts:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tokens", [1, 2, 7, 70, 150])  # 70, 150: outer-product GEMMs, 150 > 128-row blocks
-@pytest.mark.parametrize(("hidden", "inter"), [(32, 24), (20, 12)])  # 20/12: scalar tails
+# 20/12: scalar tails; 48/40: vectors and a tail at 8 and 16 lanes, one row (two accumulators) included
+@pytest.mark.parametrize(("hidden", "inter"), [(32, 24), (20, 12), (48, 40)])
 def test_routed_and_shared_match_torch(dtype: torch.dtype, tokens: int, hidden: int, inter: int) -> None:
     g = torch.Generator().manual_seed(tokens)
     routed32, shared32 = _experts(5, hidden, inter, 1), _experts(2, hidden, inter, 2)
