@@ -22,6 +22,7 @@ Environment:
 from __future__ import annotations
 
 import argparse
+import ctypes
 import functools
 import hashlib
 import logging
@@ -136,12 +137,24 @@ def build(isa: str) -> Path:
 
 def load() -> bool:
     """Register torch.ops.customllm.* for this CPU (building it if needed); False, logged, when not possible."""
-    return loaded_isa() is not None
+    return _load() is not None
+
+
+def loaded_isa() -> str | None:
+    """The ISA level whose build `load()` registered, or None (the torch paths)."""
+    loaded = _load()
+    return None if loaded is None else loaded[0]
+
+
+def vector_lanes() -> int | None:
+    """The float lanes per vector of the loaded build (model/csrc/lanes.cpp), or None."""
+    loaded = _load()
+    return None if loaded is None else loaded[1]
 
 
 @functools.cache
-def loaded_isa() -> str | None:
-    """The ISA level whose build `load()` registered (once per process), or None (logged) for the torch paths."""
+def _load() -> tuple[str, int] | None:
+    """(level, lanes) of the build registered in this process (once), or None, logged."""
     if os.environ.get("CUSTOMLLM_CPU_EXTENSION", "1") == "0":
         logger.info("CPU extension disabled by CUSTOMLLM_CPU_EXTENSION=0; using the torch paths")
         return None
@@ -154,11 +167,12 @@ def loaded_isa() -> str | None:
         if not library.exists():
             library = build(isa)
         torch.ops.load_library(str(library))
-    except (RuntimeError, OSError, ImportError) as exc:  # no compiler, failed build, unloadable library
+        lanes = int(ctypes.CDLL(str(library)).customllm_vector_lanes())
+    except (RuntimeError, OSError, ImportError, AttributeError) as exc:  # no compiler, failed build, unloadable
         logger.warning("CPU extension (%s) unavailable (%s); using the torch paths", isa, str(exc).splitlines()[0])
         return None
-    logger.info("CPU extension loaded (%s, %d-lane vectors): %s", isa, torch.ops.customllm.vector_lanes(), library)
-    return isa
+    logger.info("CPU extension loaded (%s, %d-lane vectors): %s", isa, lanes, library)
+    return isa, lanes
 
 
 def kernel_usable(op: str, name: str, device: torch.device, dtype: torch.dtype,

@@ -76,3 +76,11 @@ def test_cli_all_builds_the_serving_levels(monkeypatch: pytest.MonkeyPatch, caps
     assert capsys.readouterr().out.split() == ["avx512-bf16", "avx512", "avx2"]
     cpu_extension.main(["build", "--isa", "avx2-16lanes"])
     assert capsys.readouterr().out.split() == ["avx2-16lanes"]
+
+
+def test_the_loaded_build_reports_its_vector_width() -> None:
+    if not cpu_extension.load():
+        pytest.skip("CPU extension unavailable on this machine")
+    isa = cpu_extension.loaded_isa()
+    assert isa in cpu_extension._ISA_FLAGS
+    assert cpu_extension.vector_lanes() == (8 if isa == "avx2" else 16)

@@ -4,7 +4,7 @@ The width is compiled in (model/csrc/vec.h), and one process registers torch.ops
 forces the other level with CUSTOMLLM_CPU_ISA. On an AVX2 CPU that is avx2-16lanes (the AVX-512 builds' 16-lane
 tiles, tails and panels in AVX2 instructions), on an AVX-512 CPU avx2 (8 lanes). The subprocess first proves the
 level it loaded and its lanes (a silent fallback to the native build or the torch paths fails here), then runs the
-tests. Its build is cached like any other (~80 s once on 2 busy cores; the tests then take ~25 s).
+tests. Its build is cached like any other (40-60 s once on 2 busy cores); the tests then take ~15 s.
 """
 
 from __future__ import annotations
@@ -29,14 +29,12 @@ _PROBE = """
 import sys
 
 import pytest
-import torch
 
 from model.ops import cpu_extension
 
-isa = cpu_extension.loaded_isa()
-lanes = torch.ops.customllm.vector_lanes() if isa else 0
+isa, lanes = cpu_extension.loaded_isa(), cpu_extension.vector_lanes()
 print(f"loaded {isa} with {lanes} lanes", flush=True)
-if (isa, lanes) != (sys.argv[1], int(sys.argv[2])):
+if (isa, lanes) != (sys.argv[1], int(sys.argv[2])) or not cpu_extension.load():
     sys.exit(3)
 sys.exit(pytest.main(["-q", "-p", "no:cacheprovider", *sys.argv[3:]]))
 """
