@@ -115,6 +115,12 @@ class StackedExperts(nn.Module):
                                      requires_grad=self.down.requires_grad)
         self._backend, self._gate_up, self._down = None, [], []
 
+    def prepared_weights(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Each expert's gate_up [2I, D] and down [D, I] in the backend's layout (the dense ones unprepared)."""
+        if self._backend is None:
+            return list(self.gate_up.unbind(0)), list(self.down.unbind(0))
+        return self._gate_up, self._down
+
     def expert_forward(self, expert: int, x: torch.Tensor) -> torch.Tensor:
         """down(silu(gate(x)) * up(x)) for one expert: x [T, D] -> [T, D]."""
         if self._backend is None:

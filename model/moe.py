@@ -33,7 +33,7 @@ class MoE(nn.Module):
         self.routed_experts.prepare(backend)
         self._router = (backend, backend.prepare(self.router.weight))
         weight = self.router.weight
-        self._experts = select_experts(weight.device, weight.dtype, dense_weights=not backend.copies_weights)
+        self._experts = select_experts(weight.device, weight.dtype, backend.weight_layout)
 
     def unprepare(self) -> None:
         self.shared_experts.unprepare()

@@ -1,15 +1,22 @@
-// GEMM out = x . w^T with float32 activations and bfloat16 or float32 weights [N, K] as stored (no repacked
-// layout), accumulating in float32 with FMA. bfloat16 weights stay bfloat16 in memory (half the bytes, which
-// decides decode speed) and are widened in registers. Two kernels, chosen by the row count M:
+// GEMM out = x . w^T with float32 activations and bfloat16 or float32 weights [N, K], accumulating in float32
+// with FMA. bfloat16 weights stay bfloat16 in memory (half the bytes, which decides decode speed) and are widened
+// in registers. Two kernels, chosen by the row count M:
 //
-// - M < kOuterMinRows (decode at small batch, memory-bound): inner products, a register tile of up to 4 rows
-//   x 3-4 weight rows read once for all of them, with software prefetch of the next tile's weight rows (each
-//   row is short, 1.5-3 KB, too short for the hardware prefetcher to ramp up on its own) and two accumulators
-//   per row at M=1 (FMA latency).
+// - M < kOuterMinRows (decode at small batch, memory-bound): inner products, a register tile of up to 4 input
+//   rows x up to 4 weight rows of one panel (below), read once for all of them, with software prefetch ahead
+//   of the weight stream.
 // - M >= kOuterMinRows (large batch, prefill: FLOP-bound): outer products. x is packed once per call into
 //   column panels xp [M/kMT][K][kMT] (kMT = 2 vectors of rows, zero padded); a tile of kNW weight rows x kKC
 //   features is widened once into an L1 buffer and reused for every row panel; the micro-kernel broadcasts one
 //   weight and FMAs it into kMT rows: kNW x 2 vector accumulators, no horizontal sums.
+//
+// Weight layouts. float32 weights are dense rows [N, K]. bfloat16 weights are PANELS (pack_panels, once at
+// load): groups of kPanel consecutive rows (the last group has N % kPanel rows when N is not a multiple), each
+// stored chunk by chunk: for each chunk of kLanes features, the group's rows' kLanes values one after another;
+// then the last K % kLanes features of each row, row by row. Same element count as [N, K]. A decode GEMV then
+// streams each thread's share of the weight as one sequential run, which the hardware prefetcher follows; the
+// dense layout's kPanel row streams, 1.5-3 KB apart, streamed 1.4x slower (Zen 3: the experts' GEMVs of a
+// batch-1 step, one and two threads). The panel layout depends on kLanes, so it is built by the same build.
 //
 // Shapes: M rows of input, K input features, N output features.
 #pragma once
@@ -26,83 +33,110 @@
 namespace customllm {
 namespace gemm_detail {
 
+constexpr int kPanel = 4;          // weight rows per panel (bfloat16 layout) and per register tile
 constexpr int64_t kRowBlock = 64;  // input rows per pass over the weight: their float32 copy stays in L2
+constexpr int64_t kAhead = 512;    // weight elements prefetched ahead of the loads (1 KB of bfloat16)
 
 inline vfloat load_w(const float* p) { return load(p); }
 inline vfloat load_w(const uint16_t* p) { return load_bf16(p); }
 inline float scalar_w(float v) { return v; }
 inline float scalar_w(uint16_t v) { return bf16_to_float(v); }
 
-// out[m][n] = x[m] . w[n] for a tile of MR rows and NR weight rows; x float32 [*, K], w [*, K]. `next` is the
-// next tile's first weight row, prefetched while this one runs (a prefetch never faults, even past the end).
+// Where row j of panel p (rows j < rows(p)) keeps its whole chunks (chunk c at chunk0 + c * step) and its
+// K % kLanes tail features. float32: dense rows; bfloat16: panels (see the top of this file).
+template <typename W>
+struct Layout {
+  const W* w;
+  int64_t N, K;
+  int64_t full() const { return K / kLanes * kLanes; }  // features in whole chunks
+  int rows(int64_t p) const { return static_cast<int>(std::min<int64_t>(kPanel, N - p * kPanel)); }
+  int64_t step(int rows) const { return std::is_same_v<W, float> ? kLanes : rows * kLanes; }
+  const W* chunk0(int64_t p, int rows, int j) const {
+    return std::is_same_v<W, float> ? w + (p * kPanel + j) * K : w + p * kPanel * K + j * kLanes;
+  }
+  const W* tail(int64_t p, int rows, int j) const {
+    return std::is_same_v<W, float> ? chunk0(p, rows, j) + full() : w + p * kPanel * K + full() * rows + j * (K - full());
+  }
+  // Element (row n, feature k).
+  const W* at(int64_t n, int64_t k) const {
+    const int64_t p = n / kPanel;
+    const int r = rows(p), j = static_cast<int>(n % kPanel);
+    return k < full() ? chunk0(p, r, j) + k / kLanes * step(r) + k % kLanes : tail(p, r, j) + (k - full());
+  }
+};
+
+// ---- inner products ----
+// out[i][j] = x[i] . w[row j0 + j of panel p] for MR input rows and NR weight rows.
 template <int MR, int NR, typename W>
-void tile(const float* x, int64_t ldx, const W* w, int64_t K, float* out, int64_t ldo, const W* next) {
-  constexpr int kU = MR == 1 ? 2 : 1;  // independent accumulators per (row, weight row)
-  constexpr int64_t kStep = kU * kLanes;
-  constexpr int64_t kLine = 64 / sizeof(W);  // elements per cache line
-  const int64_t kv = K / kStep * kStep;
-  vfloat acc[MR][NR][kU] = {};
-  for (int64_t k = 0; k < kv; k += kStep) {
-    if (k % kLine < kStep)
-      for (int j = 0; j < NR; ++j) __builtin_prefetch(next + j * K + k, 0, 0);
-    for (int u = 0; u < kU; ++u) {
-      vfloat wk[NR];
-      for (int j = 0; j < NR; ++j) wk[j] = load_w(w + j * K + k + u * kLanes);
-      for (int i = 0; i < MR; ++i) {
-        const vfloat xk = load(x + i * ldx + k + u * kLanes);
-        for (int j = 0; j < NR; ++j) acc[i][j][u] += xk * wk[j];
-      }
+void tile(const float* x, int64_t ldx, const Layout<W>& w, int64_t p, int rows, int j0, float* out, int64_t ldo) {
+  const int64_t kf = w.full(), step = w.step(rows);
+  const W* c[NR];
+  for (int j = 0; j < NR; ++j) c[j] = w.chunk0(p, rows, j0 + j);
+  vfloat acc[MR][NR] = {};
+  for (int64_t k = 0; k < kf; k += kLanes) {
+    // One prefetch per cache line of each stream (a panel's chunk of kPanel rows is one or two lines).
+    if constexpr (std::is_same_v<W, float>) {
+      if (k % 16 == 0)
+        for (int j = 0; j < NR; ++j) __builtin_prefetch(c[j] + k + kAhead, 0, 3);
+    } else {
+      if (j0 == 0)
+        for (int64_t line = 0; line < step; line += 32) __builtin_prefetch(c[0] + k / kLanes * step + kAhead + line, 0, 3);
+    }
+    vfloat xk[MR];
+    for (int i = 0; i < MR; ++i) xk[i] = load(x + i * ldx + k);
+    const int64_t offset = k / kLanes * step;
+    for (int j = 0; j < NR; ++j) {
+      const vfloat wk = load_w(c[j] + offset);
+      for (int i = 0; i < MR; ++i) acc[i][j] += xk[i] * wk;
     }
   }
-  for (int i = 0; i < MR; ++i) {
-    for (int j = 0; j < NR; ++j) {
-      vfloat a = acc[i][j][0];
-      for (int u = 1; u < kU; ++u) a += acc[i][j][u];
-      float s = hsum(a);
-      for (int64_t k = kv; k < K; ++k) s += x[i * ldx + k] * scalar_w(w[j * K + k]);
+  for (int j = 0; j < NR; ++j) {
+    const W* t = w.tail(p, rows, j0 + j);
+    for (int i = 0; i < MR; ++i) {
+      float s = hsum(acc[i][j]);
+      for (int64_t k = kf; k < w.K; ++k) s += x[i * ldx + k] * scalar_w(t[k - kf]);
       out[i * ldo + j] = s;
     }
   }
 }
 
 template <int MR, typename W>
-void tile_rows(int nr, const float* x, int64_t ldx, const W* w, int64_t K, float* out, int64_t ldo,
-               const W* next) {
+void tile_rows(int nr, const float* x, int64_t ldx, const Layout<W>& w, int64_t p, int rows, int j0, float* out,
+               int64_t ldo) {
   switch (nr) {
-    case 4: tile<MR, 4, W>(x, ldx, w, K, out, ldo, next); break;
-    case 3: tile<MR, 3, W>(x, ldx, w, K, out, ldo, next); break;
-    case 2: tile<MR, 2, W>(x, ldx, w, K, out, ldo, next); break;
-    default: tile<MR, 1, W>(x, ldx, w, K, out, ldo, next); break;
+    case 4: tile<MR, 4>(x, ldx, w, p, rows, j0, out, ldo); break;
+    case 3: tile<MR, 3>(x, ldx, w, p, rows, j0, out, ldo); break;
+    case 2: tile<MR, 2>(x, ldx, w, p, rows, j0, out, ldo); break;
+    default: tile<MR, 1>(x, ldx, w, p, rows, j0, out, ldo); break;
   }
 }
 
 template <typename W>
-void tile_any(int mr, int nr, const float* x, int64_t ldx, const W* w, int64_t K, float* out, int64_t ldo,
-              const W* next) {
+void tile_any(int mr, int nr, const float* x, int64_t ldx, const Layout<W>& w, int64_t p, int rows, int j0,
+              float* out, int64_t ldo) {
   switch (mr) {
-    case 4: tile_rows<4, W>(nr, x, ldx, w, K, out, ldo, next); break;
-    case 3: tile_rows<3, W>(nr, x, ldx, w, K, out, ldo, next); break;
-    case 2: tile_rows<2, W>(nr, x, ldx, w, K, out, ldo, next); break;
-    default: tile_rows<1, W>(nr, x, ldx, w, K, out, ldo, next); break;
+    case 4: tile_rows<4>(nr, x, ldx, w, p, rows, j0, out, ldo); break;
+    case 3: tile_rows<3>(nr, x, ldx, w, p, rows, j0, out, ldo); break;
+    case 2: tile_rows<2>(nr, x, ldx, w, p, rows, j0, out, ldo); break;
+    default: tile_rows<1>(nr, x, ldx, w, p, rows, j0, out, ldo); break;
   }
 }
 
-// kMR x kNR tiles; `kAhead` tiles ahead are prefetched (measured: 1 and 2 alike, none 20-30% slower at M=1).
-template <typename W, int kMR, int kNR, int kAhead = 1>
-void gemm_inner(const float* x, int64_t M, int64_t K, const W* w, int64_t N, float* out, int64_t ldo) {
-  // One contiguous range of whole register tiles per thread: each thread streams its own part of the weight.
-  const int64_t tiles = (N + kNR - 1) / kNR;
-  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-    const int64_t n0 = begin * kNR, n1 = std::min(N, end * kNR);
+// Register tiles of kMR input rows x kNR rows of a panel. Each thread takes one contiguous range of panels:
+// it streams one run of the weight.
+template <int kMR, int kNR, typename W>
+void gemm_inner(const float* x, int64_t M, const Layout<W>& w, float* out, int64_t ldo) {
+  const int64_t panels = (w.N + kPanel - 1) / kPanel;
+  at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
     for (int64_t m0 = 0; m0 < M; m0 += kRowBlock) {
       const int64_t m1 = std::min(M, m0 + kRowBlock);
-      for (int64_t n = n0; n < n1; n += kNR) {
-        const int nr = static_cast<int>(std::min<int64_t>(kNR, n1 - n));
+      for (int64_t p = begin; p < end; ++p) {
+        const int rows = w.rows(p);
         for (int64_t m = m0; m < m1; m += kMR) {
           const int mr = static_cast<int>(std::min<int64_t>(kMR, m1 - m));
-          // Prefetch the next tile's weight rows only on the first row tile: later ones find them in L1.
-          const W* next = w + (m == m0 ? n + kAhead * kNR : n) * K;
-          tile_any(mr, nr, x + m * K, K, w + n * K, K, out + m * ldo + n, ldo, next);
+          for (int j0 = 0; j0 < rows; j0 += kNR)
+            tile_any(mr, std::min(kNR, rows - j0), x + m * w.K, w.K, w, p, rows, j0, out + m * ldo + p * kPanel + j0,
+                     ldo);
         }
       }
     }
@@ -142,8 +176,21 @@ void micro(const float* xp, const float* const* wr, int64_t kc, float* out, int6
   }
 }
 
+// dst[k - k0] = w[n][k] for k in [k0, k0 + kc), k0 a multiple of kLanes: a panel row widened to float32.
+inline void widen_row(const Layout<uint16_t>& w, int64_t n, int64_t k0, int64_t kc, float* dst) {
+  const int64_t end = k0 + kc, full = std::min(end, w.full());
+  int64_t k = k0;
+  if (k < full) {
+    const uint16_t* src = w.at(n, k);
+    const int64_t step = w.step(w.rows(n / kPanel));
+    for (; k < full; k += kLanes, src += step) store(dst + (k - k0), load_bf16(src));
+  }
+  for (; k < end; ++k) dst[k - k0] = bf16_to_float(*w.at(n, k));
+}
+
 template <typename W, int64_t KC = kKC>
-void gemm_outer(const float* x, int64_t M, int64_t K, const W* w, int64_t N, float* out, int64_t ldo) {
+void gemm_outer(const float* x, int64_t M, const Layout<W>& w, float* out, int64_t ldo) {
+  const int64_t K = w.K, N = w.N;
   // Pack x [M, K] into panels xp[p][k][r] = x[p * kMT + r][k] (zero past M).
   const int64_t panels = (M + kMT - 1) / kMT;
   // 64-byte aligned: each feature's kMT rows are one or two whole cache lines.
@@ -161,8 +208,9 @@ void gemm_outer(const float* x, int64_t M, int64_t K, const W* w, int64_t N, flo
         for (int64_t k = 0; k < K; ++k) dst[k * kMT + r] = 0.f;
     }
   });
-  // Balanced feature blocks of at most kKC.
-  const int64_t kblocks = (K + KC - 1) / KC, kc_max = (K + kblocks - 1) / kblocks;
+  // Balanced feature blocks of at most about KC, whole chunks (a panel row widens chunk by chunk).
+  const int64_t kblocks = (K + KC - 1) / KC;
+  const int64_t kc_max = ((K + kblocks - 1) / kblocks + kLanes - 1) / kLanes * kLanes;
   const int64_t tiles = (N + kNW - 1) / kNW;
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> wbuf(static_cast<size_t>(kNW * kc_max), 0.f);  // widened bf16 tile / zero rows
@@ -180,9 +228,9 @@ void gemm_outer(const float* x, int64_t M, int64_t K, const W* w, int64_t N, flo
               std::fill_n(row, kc, 0.f);
               wr[j] = row;
             } else if constexpr (std::is_same_v<W, float>) {
-              wr[j] = w + (n + j) * K + k0;
+              wr[j] = w.at(n + j, k0);
             } else {
-              widen_bf16(w + (n + j) * K + k0, row, kc);
+              widen_row(w, n + j, k0, kc, row);
               wr[j] = row;
             }
           }
@@ -204,18 +252,32 @@ void gemm_outer(const float* x, int64_t M, int64_t K, const W* w, int64_t N, flo
 
 constexpr int64_t kOuterMinRows = 16;  // measured: inner products win at M = 8, outer products at 16
 
-// x [M, K] float32, w [N, K] -> out [M, N] float32 (row stride ldo). Parallel over N (call it outside any
-// parallel region).
+// x [M, K] float32, w [N, K] (float32 dense rows, or bfloat16 panels) -> out [M, N] float32 (row stride ldo).
+// Parallel over N (call it outside any parallel region).
 template <typename W>
 void gemm(const float* x, int64_t M, int64_t K, const W* w, int64_t N, float* out, int64_t ldo) {
-  // Measured tile shapes: 1x4 (two accumulators each) streams best at M <= 2; 4x3 (12 accumulators, 16 ymm
-  // registers with the weights and x) beats 4x4, which spills on AVX2, from M = 3.
+  const gemm_detail::Layout<W> layout{w, N, K};
+  // Tile shapes: 2x4 (8 accumulators) streams a whole panel at M <= 2; from M = 3, 4x2 (half panels) keeps
+  // x, the weights and 8 accumulators in the 16 AVX2 registers.
   if (M >= kOuterMinRows)
-    gemm_detail::gemm_outer(x, M, K, w, N, out, ldo);
+    gemm_detail::gemm_outer(x, M, layout, out, ldo);
   else if (M <= 2)
-    gemm_detail::gemm_inner<W, 2, 4>(x, M, K, w, N, out, ldo);
+    gemm_detail::gemm_inner<2, 4>(x, M, layout, out, ldo);
   else
-    gemm_detail::gemm_inner<W, 4, 3>(x, M, K, w, N, out, ldo);
+    gemm_detail::gemm_inner<4, 2>(x, M, layout, out, ldo);
+}
+
+// Dense bfloat16 [N, K] -> panels, and back (bit copies).
+inline void pack_panels(const uint16_t* dense, int64_t N, int64_t K, uint16_t* packed) {
+  const gemm_detail::Layout<uint16_t> layout{packed, N, K};
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t k = 0; k < K; ++k) *const_cast<uint16_t*>(layout.at(n, k)) = dense[n * K + k];
+}
+
+inline void unpack_panels(const uint16_t* packed, int64_t N, int64_t K, uint16_t* dense) {
+  const gemm_detail::Layout<uint16_t> layout{packed, N, K};
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t k = 0; k < K; ++k) dense[n * K + k] = *layout.at(n, k);
 }
 
 }  // namespace customllm

@@ -3,7 +3,7 @@
 // Shapes: T tokens, D hidden, I intermediate, E experts, K experts per token, n_e tokens of expert e.
 // Tokens are grouped per expert here; each expert runs its fused gate|up GEMM [n_e, D] x [2I, D]^T, then one
 // pass of silu(gate) * up, then its down GEMM, and adds its routing-weighted rows to the float32 output.
-// The GEMMs are gemm.h's (float32 accumulation, bfloat16 or float32 weights).
+// The GEMMs are gemm.h's (float32 accumulation; bfloat16 weights in its panel layout, float32 ones dense).
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -28,7 +28,8 @@ void silu_mul(const float* h, int64_t n, int64_t I, float* act) {
 
 template <typename W>
 void run_experts(const float* x, int64_t T, int64_t D, const int64_t* ids, const float* weights, int64_t K,
-                 const W* gate_up, const W* down, int64_t E, int64_t I, float* out) {
+                 const std::vector<const W*>& gate_up, const std::vector<const W*>& down, int64_t I, float* out) {
+  const int64_t E = static_cast<int64_t>(gate_up.size());
   // Group the (token, slot) pairs per expert, in token order.
   std::vector<std::vector<int64_t>> pairs(E);
   for (int64_t p = 0; p < T * K; ++p) {
@@ -44,9 +45,9 @@ void run_experts(const float* x, int64_t T, int64_t D, const int64_t* ids, const
     act.resize(n * I);
     y.resize(n * D);
     for (int64_t r = 0; r < n; ++r) std::copy_n(x + pairs[e][r] / K * D, D, xs.data() + r * D);
-    gemm(xs.data(), n, D, gate_up + e * 2 * I * D, 2 * I, h.data(), 2 * I);
+    gemm(xs.data(), n, D, gate_up[e], 2 * I, h.data(), 2 * I);
     silu_mul(h.data(), n, I, act.data());
-    gemm(act.data(), n, I, down + e * D * I, D, y.data(), D);
+    gemm(act.data(), n, I, down[e], D, y.data(), D);
     for (int64_t r = 0; r < n; ++r) {
       const int64_t p = pairs[e][r];
       const float w = weights[p];
@@ -57,40 +58,52 @@ void run_experts(const float* x, int64_t T, int64_t D, const int64_t* ids, const
   }
 }
 
-// x [T, D] (bfloat16 or float32), ids [T, K] int64, weights [T, K] float32, gate_up [E, 2I, D] and down [E, D, I]
-// (x's dtype); out [T, D] float32 gains sum over k of weights[t, k] * expert_{ids[t, k]}(x[t]).
-void moe_experts(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& weights, const at::Tensor& gate_up,
-                 const at::Tensor& down, const at::Tensor& out) {
+template <typename W>
+std::vector<const W*> pointers(const std::vector<at::Tensor>& ws) {
+  std::vector<const W*> out;
+  for (const auto& w : ws) out.push_back(reinterpret_cast<const W*>(w.data_ptr()));
+  return out;
+}
+
+// x [T, D] (bfloat16 or float32), ids [T, K] int64, weights [T, K] float32; per expert e, gate_up[e] [2I, D]
+// and down[e] [D, I], all bfloat16 panels (gemm.h) or all float32 dense; out [T, D] float32 gains
+// sum over k of weights[t, k] * expert_{ids[t, k]}(x[t]).
+void moe_experts(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& weights, at::TensorList gate_up,
+                 at::TensorList down, const at::Tensor& out) {
   TORCH_CHECK(x.dim() == 2 && ids.dim() == 2 && weights.sizes() == ids.sizes() && ids.size(0) == x.size(0),
               "moe_experts: x ", x.sizes(), " ids ", ids.sizes(), " weights ", weights.sizes());
-  TORCH_CHECK(gate_up.dim() == 3 && down.dim() == 3 && gate_up.size(0) == down.size(0), "moe_experts: weights");
-  const int64_t T = x.size(0), D = x.size(1), K = ids.size(1), E = gate_up.size(0), I = gate_up.size(1) / 2;
-  TORCH_CHECK(gate_up.size(2) == D && down.size(1) == D && down.size(2) == I, "moe_experts: gate_up ",
-              gate_up.sizes(), " down ", down.sizes(), " for hidden ", D);
-  TORCH_CHECK(gate_up.scalar_type() == down.scalar_type() &&
-                  (gate_up.scalar_type() == at::kBFloat16 || gate_up.scalar_type() == at::kFloat),
-              "moe_experts: bfloat16 or float32 weights");
+  TORCH_CHECK(!gate_up.empty() && gate_up.size() == down.size(), "moe_experts: one gate_up and one down per expert");
+  const int64_t T = x.size(0), D = x.size(1), I = gate_up[0].size(0) / 2;
+  const auto dtype = gate_up[0].scalar_type();
+  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kFloat, "moe_experts: bfloat16 or float32 weights");
+  for (size_t e = 0; e < gate_up.size(); ++e) {
+    const auto &gu = gate_up[e], &dn = down[e];
+    TORCH_CHECK(gu.dim() == 2 && dn.dim() == 2 && gu.size(0) == 2 * I && gu.size(1) == D && dn.size(0) == D &&
+                    dn.size(1) == I,
+                "moe_experts: expert ", e, " gate_up ", gu.sizes(), " down ", dn.sizes(), " for hidden ", D);
+    TORCH_CHECK(gu.scalar_type() == dtype && dn.scalar_type() == dtype && gu.is_contiguous() && dn.is_contiguous(),
+                "moe_experts: expert ", e, ": contiguous weights, all of one dtype");
+  }
   TORCH_CHECK(ids.scalar_type() == at::kLong && weights.scalar_type() == at::kFloat, "moe_experts: id/weight dtypes");
-  auto x32 = x.to(at::kFloat).contiguous();
-  auto id = ids.contiguous();
-  auto w = weights.contiguous();
-  auto gu = gate_up.contiguous(), dn = down.contiguous();
   TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.dim() == 2 && out.size(0) == T &&
                   out.size(1) == D,
               "moe_experts: out must be a contiguous float32 [T, D]");
-  if (gu.scalar_type() == at::kFloat)
-    run_experts(x32.data_ptr<float>(), T, D, id.data_ptr<int64_t>(), w.data_ptr<float>(), K, gu.data_ptr<float>(),
-                dn.data_ptr<float>(), E, I, out.data_ptr<float>());
+  auto x32 = x.to(at::kFloat).contiguous();
+  auto id = ids.contiguous();
+  auto w = weights.contiguous();
+  const std::vector<at::Tensor> gu(gate_up.begin(), gate_up.end()), dn(down.begin(), down.end());
+  if (dtype == at::kFloat)
+    run_experts(x32.data_ptr<float>(), T, D, id.data_ptr<int64_t>(), w.data_ptr<float>(), ids.size(1),
+                pointers<float>(gu), pointers<float>(dn), I, out.data_ptr<float>());
   else
-    run_experts(x32.data_ptr<float>(), T, D, id.data_ptr<int64_t>(), w.data_ptr<float>(), K,
-                reinterpret_cast<const uint16_t*>(gu.data_ptr<at::BFloat16>()),
-                reinterpret_cast<const uint16_t*>(dn.data_ptr<at::BFloat16>()), E, I, out.data_ptr<float>());
+    run_experts(x32.data_ptr<float>(), T, D, id.data_ptr<int64_t>(), w.data_ptr<float>(), ids.size(1),
+                pointers<uint16_t>(gu), pointers<uint16_t>(dn), I, out.data_ptr<float>());
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(customllm, m) {
-  m.def("moe_experts(Tensor x, Tensor ids, Tensor weights, Tensor gate_up, Tensor down, Tensor(a!) out) -> ()");
+  m.def("moe_experts(Tensor x, Tensor ids, Tensor weights, Tensor[] gate_up, Tensor[] down, Tensor(a!) out) -> ()");
   m.impl("moe_experts", c10::DispatchKey::CPU, &moe_experts);
 }
 

@@ -7,7 +7,11 @@ blocked layout, so small-batch GEMMs stream the weight instead of re-laying it o
 `CppBF16Linear` (CPU, bfloat16, model/csrc/linear_bf16.cpp) is for CPUs where oneDNN has no bfloat16 GEMM
 (AVX2 only, e.g. AMD Zen 3): there torch's bfloat16 F.linear takes a reference path, 20-100x slower than
 float32 MKL (3072x768 at 8 rows: 9.9 ms against 1.2 ms float32 and 0.44 ms for this kernel, best of 40 on
-a loaded 2-core Zen 3); the kernel keeps the weight in bfloat16 and widens it in registers.
+a loaded 2-core Zen 3); the kernel keeps the weight in bfloat16, reordered once into panels of 4 rows that a
+decode GEMV streams sequentially (model/csrc/gemm.h), and widens it in registers.
+
+Each backend names its `weight_layout`, which tells the MoE experts' backends whether they can run on the
+prepared expert weights (model/ops/moe_experts.py).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ class PlainLinear:
 
     name = "plain"
     copies_weights = False  # prepare() returns the weight itself (or a view of it)
+    weight_layout = "dense"  # what prepare() returns: "dense", "onednn", "panels" (bfloat16) or "int8"
 
     def prepare(self, weight: torch.Tensor) -> torch.Tensor:
         """The weight [out, in] in this backend's layout."""
@@ -48,6 +53,7 @@ class OneDNNPackedLinear(PlainLinear):
 
     name = "onednn-packed"
     copies_weights = True
+    weight_layout = "onednn"
 
     def prepare(self, weight: torch.Tensor) -> torch.Tensor:
         # The batch-size hint only picks the layout; 1 (decode) served every batch size as well as a
@@ -70,9 +76,17 @@ class OneDNNPackedLinear(PlainLinear):
 
 
 class CppBF16Linear(PlainLinear):
-    """bfloat16 weights as they are, applied by the extension's float32-accumulating kernel."""
+    """bfloat16 weights in the extension's panel layout (a copy), applied by its float32-accumulating kernel."""
 
     name = "cpp-bf16"
+    copies_weights = True
+    weight_layout = "panels"
+
+    def prepare(self, weight: torch.Tensor) -> torch.Tensor:
+        return torch.ops.customllm.pack_panels(weight.detach())
+
+    def unpack(self, prepared: torch.Tensor) -> torch.Tensor:
+        return torch.ops.customllm.unpack_panels(prepared)
 
     def linear(self, x: torch.Tensor, prepared: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         out = torch.ops.customllm.linear_bf16(x.reshape(-1, x.shape[-1]), prepared, bias)  # [rows, out]
@@ -125,8 +139,11 @@ def _cpp_bf16_usable(device: torch.device, dtype: torch.dtype) -> bool:
     w = torch.randn(37, 40, generator=g).to(dtype)
     b = torch.randn(37, generator=g).to(dtype)
     x = torch.randn(5, 40, generator=g).to(dtype)
-    got = CppBF16Linear().linear(x, w, b).float()
-    ok = torch.allclose(got, F.linear(x.float(), w.float(), b.float()), atol=0.05, rtol=0.01)
+    backend = CppBF16Linear()
+    packed = backend.prepare(w)
+    got = backend.linear(x, packed, b).float()
+    ok = torch.allclose(got, F.linear(x.float(), w.float(), b.float()), atol=0.05, rtol=0.01) and torch.equal(
+        backend.unpack(packed), w)
     if not ok:
         logger.warning("bfloat16 linear kernel failed its self-check; using plain torch linear")
     return ok

@@ -4,10 +4,11 @@ Shapes: T tokens, D hidden, I intermediate, E experts, K experts per token, P = 
 
 `TorchExperts` (every device, dtype and linear backend; the oracle): pairs sorted by expert, one gathered
 input, one fused gate|up GEMM, silu * up and one down GEMM per expert through the linear backend, then one
-index_add. `CppExperts` (CPU, bfloat16/float32 dense weights; model/csrc/moe.cpp): the whole layer's experts
-in one extension call, grouping, SiLU*mul pass and weighted accumulation in float32 included, so no Python
-runs per expert. It needs the stacked dense weights, so it is not used next to a linear backend that
-releases them (packed oneDNN, the better path on CPUs with native bfloat16 GEMM).
+index_add. `CppExperts` (CPU; model/csrc/moe.cpp): the whole layer's experts in one extension call, grouping,
+SiLU*mul pass and weighted accumulation in float32 included, so no Python runs per expert. It runs on the
+weights of the cpp-bf16 linear backend (bfloat16 panels) or on dense float32 ones; not next to packed oneDNN
+(the better path on CPUs with native bfloat16 GEMM) or int8, nor on dense bfloat16 (the plain backend, asked
+for by name: the oracle).
 """
 
 from __future__ import annotations
@@ -65,18 +66,20 @@ class CppExperts(TorchExperts):
         t, s = x.shape[0], experts.num_experts
         out = x.new_zeros(x.shape, dtype=torch.float32)  # [T, D]
         ids = torch.arange(s).expand(t, s)  # [T, S]: every token to every shared expert, weight 1/S
-        torch.ops.customllm.moe_experts(x, ids, torch.full((t, s), 1.0 / s), experts.gate_up, experts.down, out)
+        torch.ops.customllm.moe_experts(x, ids, torch.full((t, s), 1.0 / s), *experts.prepared_weights(), out)
         return out
 
     def routed(self, experts: StackedExperts, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
                out: torch.Tensor) -> torch.Tensor:
         acc = out if out.dtype == torch.float32 else out.float()
-        torch.ops.customllm.moe_experts(x, ids, weights, experts.gate_up, experts.down, acc)
+        torch.ops.customllm.moe_experts(x, ids, weights, *experts.prepared_weights(), acc)
         return acc.to(x.dtype)
 
 
 def _self_check(dtype: torch.dtype) -> bool:
     """The kernel against the torch path in float32 on the same (rounded) weights, on a small case."""
+    from model.ops.linear import CppBF16Linear, PlainLinear
+
     g = torch.Generator().manual_seed(0)
     oracle_experts = StackedExperts(3, 16, 8)
     with torch.no_grad():
@@ -84,6 +87,7 @@ def _self_check(dtype: torch.dtype) -> bool:
         oracle_experts.down.copy_(torch.randn(oracle_experts.down.shape, generator=g) / 4)
         experts = copy.deepcopy(oracle_experts).to(dtype)
         oracle_experts.to(dtype).float()  # the oracle sees the rounded weights
+        experts.prepare(CppBF16Linear() if dtype == torch.bfloat16 else PlainLinear())
         x = torch.randn(5, 16, generator=g).to(dtype)
         ids = torch.tensor([[0, 2], [1, 0], [2, 1], [2, 0], [1, 2]])
         weights = torch.rand(5, 2, generator=g)
@@ -96,12 +100,18 @@ def _self_check(dtype: torch.dtype) -> bool:
 BACKENDS = ("auto", "torch", "cpp", "grouped-mm", "dense-masked")
 
 
+# The prepared expert weights the C++ kernel reads, per dtype (the linear backends' `weight_layout`).
+_CPP_LAYOUTS = {torch.bfloat16: "panels", torch.float32: "dense"}
+
+
 @functools.cache
-def select_experts(device: torch.device, dtype: torch.dtype, dense_weights: bool, name: str = "auto") -> TorchExperts:
-    """The experts backend ("auto": the C++ path where it loads and the dense weights stay), logged once."""
+def select_experts(device: torch.device, dtype: torch.dtype, layout: str, name: str = "auto") -> TorchExperts:
+    """The experts backend for expert weights prepared in `layout` ("auto": the C++ path where it loads and can
+    read them), logged once."""
     from model.ops import cpu_extension  # imported here: `python -m model.ops.cpu_extension` imports model first
 
     assert name in BACKENDS, f"unknown MoE experts backend {name!r}, expected one of {BACKENDS}"
+    dense_weights = layout == "dense"
     if name in ("grouped-mm", "dense-masked") or (name == "auto" and device.type == "cuda" and dense_weights):
         # CUDA: the graph-safe backends (decode steps run as CUDA graphs), on the plain backend's dense weights.
         # Without them (int8 weights on CUDA) the torch path runs; its host syncs then keep decode eager.
@@ -110,7 +120,8 @@ def select_experts(device: torch.device, dtype: torch.dtype, dense_weights: bool
         if not dense_weights:
             raise ValueError(f"MoE experts backend {name} needs the dense stacked expert weights")
         return select_graph_safe_experts(device, dtype, "auto" if name == "auto" else name)
-    usable = cpu_extension.kernel_usable("MoE experts", name, device, dtype, _self_check, possible=dense_weights)
+    usable = cpu_extension.kernel_usable("MoE experts", name, device, dtype, _self_check,
+                                         possible=_CPP_LAYOUTS.get(dtype) == layout)
     backend = CppExperts() if usable else TorchExperts()
     logger.info("MoE experts backend for %s %s: %s", device, dtype, backend.name)
     return backend

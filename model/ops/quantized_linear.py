@@ -64,6 +64,7 @@ class Int8DequantLinear(PlainLinear):
 
     name = "int8-dequant"
     copies_weights = True  # the dense expert weights are released: the int8 copy is what stays in memory
+    weight_layout = "int8"
 
     def prepare(self, weight: torch.Tensor) -> Int8Weight | torch.Tensor:  # type: ignore[override]
         if weight.shape[0] < MIN_QUANTIZED_ROWS:

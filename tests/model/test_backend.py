@@ -4,12 +4,14 @@ import pytest
 import torch
 
 from model import CustomLLM, load_model
+from model.ops import cpu_extension
 from model.ops.linear import OneDNNPackedLinear, PlainLinear, select_linear_backend
 from tests.model.conftest import TINY, randomise
 from tests.model.test_model import PagedRunner
 
 PACKED = isinstance(select_linear_backend("cpu", torch.bfloat16), OneDNNPackedLinear)
 needs_packed = pytest.mark.skipif(not PACKED, reason="oneDNN packed linear not usable on this CPU")
+needs_cpp = pytest.mark.skipif(not cpu_extension.load(), reason="CPU extension unavailable on this machine")
 
 
 def _tiny(dtype: torch.dtype, backend: str) -> CustomLLM:
@@ -47,9 +49,10 @@ def test_packed_backend_matches_plain(dtype: torch.dtype, tol: float) -> None:
     torch.testing.assert_close(got, want, atol=tol * scale, rtol=0)
 
 
-@needs_packed
-def test_packed_experts_replace_dense_weights_and_state_dict_stays_exact() -> None:
-    model = _tiny(torch.float32, "onednn-packed")
+@pytest.mark.parametrize(("backend", "dtype"), [pytest.param("onednn-packed", torch.float32, marks=needs_packed),
+                                               pytest.param("cpp-bf16", torch.bfloat16, marks=needs_cpp)])
+def test_packed_experts_replace_dense_weights_and_state_dict_stays_exact(backend: str, dtype: torch.dtype) -> None:
+    model = _tiny(dtype, backend)
     moe = model.decoder_layers[0].mlp.moe
     assert moe.routed_experts.gate_up.is_meta and moe.shared_experts.down.is_meta  # not held twice
     with torch.device("meta"):

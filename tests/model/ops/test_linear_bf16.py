@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from model import CustomLLM, load_model
 from model.ops import cpu_extension
 from model.ops.linear import CppBF16Linear, select_linear_backend
-from tests.model.test_backend import _run, _tiny
+from tests.model.conftest import TINY, randomise
+from tests.model.test_backend import _run
 
 pytestmark = pytest.mark.skipif(not cpu_extension.load(), reason="CPU extension unavailable on this machine")
 
 
-# Inner products below 16 rows (tiles of 4), outer products from 16 (panels of 2 vectors of rows: 16 at 8 lanes,
-# 32 at 16; blocks of 128): full, one-vector and ragged panels at both widths.
+# Inner products below 16 rows (tiles of 4 weight rows: one panel), outer products from 16 (panels of 2 vectors
+# of rows: 16 at 8 lanes, 32 at 16; blocks of 128): full, one-vector and ragged panels at both widths.
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 15, 16, 17, 31, 32, 33, 48, 64, 67, 130])
-# 19: scalar tails only; 1100: two feature blocks of the outer kernel (and a tail of 4).
+# Weight panels of 4 rows (37, 5, 13: a short last panel); 19: scalar tails only; 40: a tail past 8 and 16
+# lanes; 1100: two feature blocks of the outer kernel (and a tail of 4).
 @pytest.mark.parametrize(("out_features", "in_features"), [(48, 64), (37, 40), (5, 19), (13, 1100)])
 @pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32])
 def test_matches_float32_linear(rows: int, out_features: int, in_features: int, x_dtype: torch.dtype) -> None:
@@ -24,8 +29,10 @@ def test_matches_float32_linear(rows: int, out_features: int, in_features: int, 
     w = torch.randn(out_features, in_features, generator=g).bfloat16()
     b = torch.randn(out_features, generator=g).bfloat16()
     x = torch.randn(rows, in_features, generator=g).to(x_dtype)
+    backend = CppBF16Linear()
+    packed = backend.prepare(w)
     for bias in (None, b):
-        got = CppBF16Linear().linear(x, w, bias)
+        got = backend.linear(x, packed, bias)
         assert got.dtype == x_dtype and got.shape == (rows, out_features)
         want = F.linear(x.float(), w.float(), None if bias is None else bias.float())
         # float32 accumulation, rounded once to the output dtype
@@ -36,10 +43,25 @@ def test_matches_float32_linear(rows: int, out_features: int, in_features: int, 
 def test_leading_dimensions_and_empty_input() -> None:
     w = torch.randn(24, 16).bfloat16()
     x = torch.randn(2, 3, 16).bfloat16()
-    got = CppBF16Linear().linear(x, w)
+    backend = CppBF16Linear()
+    packed = backend.prepare(w)
+    got = backend.linear(x, packed)
     assert got.shape == (2, 3, 24)
     torch.testing.assert_close(got, F.linear(x.float(), w.float()).bfloat16(), atol=0.05, rtol=0.01)
-    assert CppBF16Linear().linear(x[:0, 0], w).shape == (0, 24)
+    assert backend.linear(x[:0, 0], packed).shape == (0, 24)
+
+
+@pytest.mark.parametrize("out_features", [1, 3, 4, 5, 8, 9])  # whole panels of 4 rows and a short last one
+@pytest.mark.parametrize("in_features", [1, 7, 8, 16, 17, 32, 33, 40])  # around 8 and 16 lanes
+def test_panels_are_a_permutation_that_unpacks_exactly(out_features: int, in_features: int) -> None:
+    w = torch.arange(out_features * in_features, dtype=torch.float32).view(out_features, in_features).bfloat16()
+    backend = CppBF16Linear()
+    packed = backend.prepare(w)
+    assert packed.shape == w.shape and packed.dtype == torch.bfloat16
+    assert torch.equal(packed.flatten().sort().values, w.flatten().sort().values)  # every element once
+    assert torch.equal(backend.unpack(packed), w)
+    if out_features >= 4 and in_features >= 32:
+        assert not torch.equal(packed, w)  # a whole panel of two or more chunks (of 8 or 16 lanes) interleaves
 
 
 def test_selected_where_onednn_has_no_bf16() -> None:
@@ -51,9 +73,19 @@ def test_selected_where_onednn_has_no_bf16() -> None:
         select_linear_backend("cpu", torch.float32, "cpp-bf16")
 
 
+def _every_expert_routed(backend: str) -> CustomLLM:
+    """The tiny model with top-k = all experts: no near-tie in the routing that bfloat16 rounding could flip."""
+    config = dataclasses.replace(TINY, top_k_experts=TINY.num_experts - TINY.num_shared_experts)
+    model = load_model(None, dtype=torch.bfloat16, config=config)
+    randomise(model, 3)
+    model.prepare_for_inference(backend)
+    return model
+
+
 def test_model_matches_plain_backend() -> None:
-    fast, plain = _tiny(torch.bfloat16, "cpp-bf16"), _tiny(torch.bfloat16, "plain")
+    fast, plain = _every_expert_routed("cpp-bf16"), _every_expert_routed("plain")
     assert fast.linear_backend is not None and fast.linear_backend.name == "cpp-bf16"
+    assert fast.decoder_layers[0].mlp.moe._experts.name == "cpp"  # on the backend's panels
     got, want = _run(fast), _run(plain)
     # bfloat16 end to end: the plain path rounds every GEMM's partial sums differently
     torch.testing.assert_close(got, want, atol=0.03 * float(want.abs().max()), rtol=0)

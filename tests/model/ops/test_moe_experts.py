@@ -10,10 +10,15 @@ import torch
 from model.layers import StackedExperts
 from model.moe import MoE
 from model.ops import cpu_extension
-from model.ops.linear import PlainLinear
+from model.ops.linear import CppBF16Linear, PlainLinear
 from model.ops.moe_experts import CppExperts, TorchExperts, select_experts
 
 pytestmark = pytest.mark.skipif(not cpu_extension.load(), reason="CPU extension unavailable on this machine")
+
+
+def _backend(dtype: torch.dtype) -> PlainLinear:
+    """The linear backend whose expert weights the kernel reads in this dtype (bfloat16 panels, dense float32)."""
+    return CppBF16Linear() if dtype == torch.bfloat16 else PlainLinear()
 
 
 def _experts(num: int, hidden: int, inter: int, seed: int) -> StackedExperts:
@@ -33,6 +38,8 @@ def test_routed_and_shared_match_torch(dtype: torch.dtype, tokens: int, hidden: 
     g = torch.Generator().manual_seed(tokens)
     routed32, shared32 = _experts(5, hidden, inter, 1), _experts(2, hidden, inter, 2)
     routed, shared = copy.deepcopy(routed32).to(dtype), copy.deepcopy(shared32).to(dtype)
+    routed.prepare(_backend(dtype))
+    shared.prepare(_backend(dtype))
     routed32.to(dtype).float()  # the oracle runs in float32 on the same rounded weights
     shared32.to(dtype).float()
     x = torch.randn(tokens, hidden, generator=g).to(dtype)
@@ -52,12 +59,12 @@ def test_unused_experts_and_bad_ids() -> None:
     x = torch.randn(3, 16)
     ids = torch.tensor([[1], [1], [1]])  # experts 0, 2 and 3 get nothing
     out = torch.zeros(3, 16)
-    torch.ops.customllm.moe_experts(x, ids, torch.ones(3, 1), experts.gate_up, experts.down, out)
+    torch.ops.customllm.moe_experts(x, ids, torch.ones(3, 1), *experts.prepared_weights(), out)
     with torch.no_grad():
         want = experts.expert_forward(1, x)
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
     with pytest.raises(RuntimeError, match="expert id 4"):
-        torch.ops.customllm.moe_experts(x, ids + 3, torch.ones(3, 1), experts.gate_up, experts.down, out)
+        torch.ops.customllm.moe_experts(x, ids + 3, torch.ones(3, 1), *experts.prepared_weights(), out)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -67,7 +74,7 @@ def test_moe_layer_on_both_backends(dtype: torch.dtype) -> None:
     with torch.no_grad():
         for p in moe.parameters():
             p.copy_(torch.randn(p.shape) / 4)
-    moe.prepare(PlainLinear())
+    moe.prepare(_backend(dtype))
     assert moe._experts.name == "cpp"
     x = torch.randn(9, 32).to(dtype)
     counts = torch.zeros(5, dtype=torch.int64)
@@ -82,8 +89,12 @@ def test_moe_layer_on_both_backends(dtype: torch.dtype) -> None:
 
 def test_selection() -> None:
     cpu = torch.device("cpu")
-    assert select_experts(cpu, torch.bfloat16, True).name == "cpp"
-    assert select_experts(cpu, torch.bfloat16, False).name == "torch"  # weights released by a packing backend
-    assert select_experts(cpu, torch.float16, True).name == "torch"
+    assert select_experts(cpu, torch.bfloat16, "panels").name == "cpp"
+    assert select_experts(cpu, torch.float32, "dense").name == "cpp"
+    assert select_experts(cpu, torch.bfloat16, "onednn").name == "torch"  # oneDNN's layout, not the kernel's
+    assert select_experts(cpu, torch.bfloat16, "dense").name == "torch"  # the plain backend: the oracle
+    assert select_experts(cpu, torch.float16, "dense").name == "torch"
     with pytest.raises(ValueError, match="not usable"):
-        select_experts(cpu, torch.float16, True, "cpp")
+        select_experts(cpu, torch.float16, "dense", "cpp")
+    with pytest.raises(ValueError, match="not usable"):
+        select_experts(cpu, torch.float32, "int8", "cpp")

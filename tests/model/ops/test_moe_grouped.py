@@ -80,12 +80,12 @@ def test_selection_by_name_and_on_cpu() -> None:
     cpu = torch.device("cpu")
     assert select_graph_safe_experts(cpu, torch.float32).name == "grouped-mm"
     assert select_graph_safe_experts(cpu, torch.float32, "dense-masked").name == "dense-masked"
-    assert select_experts(cpu, torch.float32, True, "grouped-mm").name == "grouped-mm"
-    assert select_experts(cpu, torch.float32, True, "torch").name == "torch"
+    assert select_experts(cpu, torch.float32, "dense", "grouped-mm").name == "grouped-mm"
+    assert select_experts(cpu, torch.float32, "dense", "torch").name == "torch"
 
 
 def test_released_dense_weights_keep_the_torch_path_and_forced_names_refuse() -> None:
     cpu = torch.device("cpu")
-    assert select_experts(cpu, torch.float32, False, "torch").name == "torch"
+    assert select_experts(cpu, torch.float32, "onednn", "torch").name == "torch"
     with pytest.raises(ValueError, match="dense stacked expert weights"):
-        select_experts(cpu, torch.float32, False, "grouped-mm")
+        select_experts(cpu, torch.float32, "onednn", "grouped-mm")
