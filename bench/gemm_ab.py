@@ -14,6 +14,7 @@ is weight GB/s. Large M is FLOP-bound: GFLOP/s. Random inputs; not a test (the t
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
@@ -38,16 +39,30 @@ void gemm_old(const at::Tensor& x, const at::Tensor& w, at::Tensor& out) {
   customllm_old::gemm(x.data_ptr<float>(), x.size(0), x.size(1), wptr(w), w.size(0), out.data_ptr<float>(),
                       w.size(0));
 }
+// The working tree's variants take the weight in its layout (pack_new).
+at::Tensor pack_new(const at::Tensor& w) {
+  auto packed = at::empty_like(w);
+  customllm::pack_panels(wptr(w), w.size(0), w.size(1), reinterpret_cast<uint16_t*>(packed.data_ptr<at::BFloat16>()));
+  return packed;
+}
+customllm::gemm_detail::Layout<uint16_t> layout(const at::Tensor& w) { return {wptr(w), w.size(0), w.size(1)}; }
 void gemm_new(const at::Tensor& x, const at::Tensor& w, at::Tensor& out) {
   customllm::gemm(x.data_ptr<float>(), x.size(0), x.size(1), wptr(w), w.size(0), out.data_ptr<float>(), w.size(0));
 }
-void gemm_inner(const at::Tensor& x, const at::Tensor& w, at::Tensor& out) {
-  customllm::gemm_detail::gemm_inner<uint16_t, 4, 3>(x.data_ptr<float>(), x.size(0), x.size(1), wptr(w), w.size(0),
-                                     out.data_ptr<float>(), w.size(0));
+void gemm_inner42(const at::Tensor& x, const at::Tensor& w, at::Tensor& out) {
+  customllm::gemm_detail::gemm_inner<4, 2>(x.data_ptr<float>(), x.size(0), layout(w), out.data_ptr<float>(), w.size(0));
+}
+void gemm_inner34(const at::Tensor& x, const at::Tensor& w, at::Tensor& out) {
+  customllm::gemm_detail::gemm_inner<3, 4>(x.data_ptr<float>(), x.size(0), layout(w), out.data_ptr<float>(), w.size(0));
+}
+void gemm_inner44(const at::Tensor& x, const at::Tensor& w, at::Tensor& out) {
+  customllm::gemm_detail::gemm_inner<4, 4>(x.data_ptr<float>(), x.size(0), layout(w), out.data_ptr<float>(), w.size(0));
+}
+void gemm_inner24(const at::Tensor& x, const at::Tensor& w, at::Tensor& out) {
+  customllm::gemm_detail::gemm_inner<2, 4>(x.data_ptr<float>(), x.size(0), layout(w), out.data_ptr<float>(), w.size(0));
 }
 void gemm_outer(const at::Tensor& x, const at::Tensor& w, at::Tensor& out) {
-  customllm::gemm_detail::gemm_outer(x.data_ptr<float>(), x.size(0), x.size(1), wptr(w), w.size(0),
-                                     out.data_ptr<float>(), w.size(0));
+  customllm::gemm_detail::gemm_outer(x.data_ptr<float>(), x.size(0), layout(w), out.data_ptr<float>(), w.size(0));
 }
 """
 
@@ -67,7 +82,8 @@ def build(base: str) -> object:
     if isa is None:
         raise SystemExit("this CPU lacks AVX2/FMA: no extension to compare")
     return cpp_extension.load_inline(
-        name="gemm_ab", cpp_sources=[_SOURCE], functions=["gemm_old", "gemm_new", "gemm_inner", "gemm_outer"],
+        name="gemm_ab", cpp_sources=[_SOURCE], functions=["gemm_old", "gemm_new", "gemm_inner42", "gemm_inner34", "gemm_inner44", "gemm_inner24", "gemm_outer",
+                                                 "pack_new"],
         build_directory=str(tmp),
         extra_cflags=_COMMON_FLAGS + _ISA_FLAGS[isa], extra_ldflags=["-fopenmp"],
         extra_include_paths=[str(CSRC), str(tmp)])
@@ -89,7 +105,7 @@ def main() -> None:
     variants = {name: getattr(ext, f"gemm_{name}") for name in names}
     cases: list[tuple[str, int, int, int, int]] = []  # (name, M, N, K, copies)
     if "small" in args.cases:
-        for m in (1, 2, 4, 8):
+        for m in (int(v) for v in os.environ.get("GEMM_AB_ROWS", "1,2,4,8").split(",")):
             cases.append((f"lm_head M={m}", m, 49152, 768, 1))
             # Expert gate|up [3072, 768] and down [768, 1536]: 8 + 8 copies of 4.7 / 2.4 MB rotate past L3.
             cases.append((f"gate_up M={m}", m, 3072, 768, 16))
@@ -103,18 +119,19 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     for name, m, n, k, copies in cases:
         ws = [torch.randn(n, k, generator=g).bfloat16() for _ in range(copies)]
+        packed = [ext.pack_new(w) for w in ws]  # type: ignore[attr-defined]
         x = torch.randn(m, k, generator=g)
         out = torch.empty(m, n)
         want = torch.nn.functional.linear(x, ws[0].float())
         best = dict.fromkeys(variants, float("inf"))
         for _ in range(args.rounds):
             for label, fn in variants.items():
-                for w in ws:
+                for w in ws if label == "old" else packed:
                     start = time.perf_counter()
                     fn(x, w, out)
                     best[label] = min(best[label], time.perf_counter() - start)
-        for fn in variants.values():
-            fn(x, ws[0], out)
+        for label, fn in variants.items():
+            fn(x, ws[0] if label == "old" else packed[0], out)
             torch.testing.assert_close(out, want, atol=1e-3 * float(want.abs().max()), rtol=0)
         gbs = {label: n * k * 2 / s / 1e9 for label, s in best.items()}
         gfs = {label: 2 * m * n * k / s / 1e9 for label, s in best.items()}

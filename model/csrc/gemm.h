@@ -69,24 +69,24 @@ struct Layout {
 // out[i][j] = x[i] . w[row j0 + j of panel p] for MR input rows and NR weight rows.
 template <int MR, int NR, typename W>
 void tile(const float* x, int64_t ldx, const Layout<W>& w, int64_t p, int rows, int j0, float* out, int64_t ldo) {
+  constexpr bool kDense = std::is_same_v<W, float>;
   const int64_t kf = w.full(), step = w.step(rows);
-  const W* c[NR];
-  for (int j = 0; j < NR; ++j) c[j] = w.chunk0(p, rows, j0 + j);
+  // Row j's current chunk is q + j * stride: dense rows are K apart, a panel's rows kLanes (a constant).
+  const int64_t stride = kDense ? w.K : kLanes;
+  const W* q = w.chunk0(p, rows, j0);
   vfloat acc[MR][NR] = {};
-  for (int64_t k = 0; k < kf; k += kLanes) {
-    // One prefetch per cache line of each stream (a panel's chunk of kPanel rows is one or two lines).
-    if constexpr (std::is_same_v<W, float>) {
-      if (k % 16 == 0)
-        for (int j = 0; j < NR; ++j) __builtin_prefetch(c[j] + k + kAhead, 0, 3);
+  for (int64_t k = 0; k < kf; k += kLanes, q += step) {
+    if constexpr (kDense) {
+      if (k % 16 == 0)  // one prefetch per cache line of each row
+        for (int j = 0; j < NR; ++j) __builtin_prefetch(q + j * stride + kAhead, 0, 3);
     } else {
-      if (j0 == 0)
-        for (int64_t line = 0; line < step; line += 32) __builtin_prefetch(c[0] + k / kLanes * step + kAhead + line, 0, 3);
+      // A panel's chunk is one cache line at 8 lanes, two at 16.
+      for (int64_t line = 0; line < kPanel * kLanes; line += 32) __builtin_prefetch(q + kAhead + line, 0, 3);
     }
     vfloat xk[MR];
     for (int i = 0; i < MR; ++i) xk[i] = load(x + i * ldx + k);
-    const int64_t offset = k / kLanes * step;
     for (int j = 0; j < NR; ++j) {
-      const vfloat wk = load_w(c[j] + offset);
+      const vfloat wk = load_w(q + j * stride);
       for (int i = 0; i < MR; ++i) acc[i][j] += xk[i] * wk;
     }
   }
@@ -257,14 +257,15 @@ constexpr int64_t kOuterMinRows = 16;  // measured: inner products win at M = 8,
 template <typename W>
 void gemm(const float* x, int64_t M, int64_t K, const W* w, int64_t N, float* out, int64_t ldo) {
   const gemm_detail::Layout<W> layout{w, N, K};
-  // Tile shapes: 2x4 (8 accumulators) streams a whole panel at M <= 2; from M = 3, 4x2 (half panels) keeps
-  // x, the weights and 8 accumulators in the 16 AVX2 registers.
+  // Tile shapes (bench/gemm_ab.py, Zen 3): whole panels, 2x4 at M <= 2 and 3x4 from M = 3 (12 accumulators, 3 x
+  // vectors and the weight vector: the 16 AVX2 registers). Against the dense layout's 1x4/4x3 tiles: M = 1
+  // streams 1.2-1.4x faster, M = 8 about the same, M = 4 0.85-0.95x; 4x2 half panels were slower at M = 8.
   if (M >= kOuterMinRows)
     gemm_detail::gemm_outer(x, M, layout, out, ldo);
   else if (M <= 2)
     gemm_detail::gemm_inner<2, 4>(x, M, layout, out, ldo);
   else
-    gemm_detail::gemm_inner<4, 2>(x, M, layout, out, ldo);
+    gemm_detail::gemm_inner<3, 4>(x, M, layout, out, ldo);
 }
 
 // Dense bfloat16 [N, K] -> panels, and back (bit copies).
