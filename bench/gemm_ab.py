@@ -3,7 +3,9 @@
 Usage: python bench/gemm_ab.py [--base main] [--rounds 20] [--threads N] [--cases small,large]
                               [--variants old,new]
 
-`--base f93f2e3` is gemm.h (and vec.h) before the AVX2 rework. Both versions are compiled into one throwaway
+`--base f93f2e3` is gemm.h (and vec.h) before the AVX2 rework; `--base 7d408ad` the last dense-layout one (the
+working tree's variants get the weight packed into panels first, old ones the dense weight). GEMM_AB_ROWS=1,4
+picks the decode row counts. Both versions are compiled into one throwaway
 extension (the old one under another namespace), so every figure comes from the same process. The variants
 alternate within each round and each figure is the best call over all rounds: a shared machine's drift hits
 both alike. Decode (M <= 8) is memory-bound: its
@@ -42,24 +44,16 @@ void gemm_old(const at::Tensor& x, const at::Tensor& w, at::Tensor& out) {
 // The working tree's variants take the weight in its layout (pack_new).
 at::Tensor pack_new(const at::Tensor& w) {
   auto packed = at::empty_like(w);
-  customllm::pack_panels(wptr(w), w.size(0), w.size(1), reinterpret_cast<uint16_t*>(packed.data_ptr<at::BFloat16>()));
+  auto* dst = reinterpret_cast<uint16_t*>(packed.data_ptr<at::BFloat16>());
+  customllm::pack_panels(wptr(w), w.size(0), w.size(1), dst);
   return packed;
 }
 customllm::gemm_detail::Layout<uint16_t> layout(const at::Tensor& w) { return {wptr(w), w.size(0), w.size(1)}; }
 void gemm_new(const at::Tensor& x, const at::Tensor& w, at::Tensor& out) {
   customllm::gemm(x.data_ptr<float>(), x.size(0), x.size(1), wptr(w), w.size(0), out.data_ptr<float>(), w.size(0));
 }
-void gemm_inner42(const at::Tensor& x, const at::Tensor& w, at::Tensor& out) {
-  customllm::gemm_detail::gemm_inner<4, 2>(x.data_ptr<float>(), x.size(0), layout(w), out.data_ptr<float>(), w.size(0));
-}
-void gemm_inner34(const at::Tensor& x, const at::Tensor& w, at::Tensor& out) {
+void gemm_inner(const at::Tensor& x, const at::Tensor& w, at::Tensor& out) {
   customllm::gemm_detail::gemm_inner<3, 4>(x.data_ptr<float>(), x.size(0), layout(w), out.data_ptr<float>(), w.size(0));
-}
-void gemm_inner44(const at::Tensor& x, const at::Tensor& w, at::Tensor& out) {
-  customllm::gemm_detail::gemm_inner<4, 4>(x.data_ptr<float>(), x.size(0), layout(w), out.data_ptr<float>(), w.size(0));
-}
-void gemm_inner24(const at::Tensor& x, const at::Tensor& w, at::Tensor& out) {
-  customllm::gemm_detail::gemm_inner<2, 4>(x.data_ptr<float>(), x.size(0), layout(w), out.data_ptr<float>(), w.size(0));
 }
 void gemm_outer(const at::Tensor& x, const at::Tensor& w, at::Tensor& out) {
   customllm::gemm_detail::gemm_outer(x.data_ptr<float>(), x.size(0), layout(w), out.data_ptr<float>(), w.size(0));
@@ -82,8 +76,8 @@ def build(base: str) -> object:
     if isa is None:
         raise SystemExit("this CPU lacks AVX2/FMA: no extension to compare")
     return cpp_extension.load_inline(
-        name="gemm_ab", cpp_sources=[_SOURCE], functions=["gemm_old", "gemm_new", "gemm_inner42", "gemm_inner34", "gemm_inner44", "gemm_inner24", "gemm_outer",
-                                                 "pack_new"],
+        name="gemm_ab", cpp_sources=[_SOURCE],
+        functions=["gemm_old", "gemm_new", "gemm_inner", "gemm_outer", "pack_new"],
         build_directory=str(tmp),
         extra_cflags=_COMMON_FLAGS + _ISA_FLAGS[isa], extra_ldflags=["-fopenmp"],
         extra_include_paths=[str(CSRC), str(tmp)])

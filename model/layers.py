@@ -83,9 +83,9 @@ class StackedExperts(nn.Module):
     down [E, D, I]. Checkpoint layout (state_dict / load_state_dict) keeps the original per-expert names
     `{prefix}{e}.gate_proj.weight`, `{e}.up_proj.weight`, `{e}.down_proj.weight`, so checkpoints load as-is.
     After `prepare(backend)` each expert's two matrices are in the backend's layout. NOTE: a backend whose
-    layout is a copy (packed oneDNN) releases the stacked tensors (meta stand-ins of the same shape, so
-    parameter counts stay right) instead of holding the experts, 87% of the model, twice; `state_dict`
-    then unpacks them (exact) and `unprepare` restores them.
+    layout is a copy (packed oneDNN, cpp-bf16's panels, int8) releases the stacked tensors (meta stand-ins of
+    the same shape, so parameter counts stay right) instead of holding the experts, 87% of the model, twice;
+    `state_dict` then unpacks them (exact but for int8) and `unprepare` restores them.
     """
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:

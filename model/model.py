@@ -66,9 +66,10 @@ class CustomLLM(nn.Module):
         """Build the derived weights forward runs on (fused projections, backend-packed matrices), once.
 
         NOTE: the weights are frozen from here on: load_state_dict re-prepares, but writing a parameter in
-        place does not reach the prepared copies. A copying backend (packed oneDNN) releases the dense expert
-        weights (87% of the model) instead of holding them twice, and state_dict unpacks them; the small
-        attention projections and lm_head keep their dense weights next to the derived copies (~9% extra).
+        place does not reach the prepared copies. A copying backend (packed oneDNN, cpp-bf16's panels, int8)
+        releases the dense expert weights (87% of the model) instead of holding them twice, and state_dict
+        unpacks them; the small attention projections and lm_head keep their dense weights next to the derived
+        copies (~9% extra).
         """
         if isinstance(backend, str):
             weight = self.lm_head.bias  # never released: it has the model's real device and dtype
