@@ -268,17 +268,38 @@ void gemm(const float* x, int64_t M, int64_t K, const W* w, int64_t N, float* ou
     gemm_detail::gemm_inner<3, 4>(x, M, layout, out, ldo);
 }
 
-// Dense bfloat16 [N, K] -> panels, and back (bit copies).
+// Dense bfloat16 [N, K] <-> panels (bit copies), a row's whole chunks and then its tail at a time.
+template <bool kToPanels>
+void copy_panels(const uint16_t* src, int64_t N, int64_t K, uint16_t* dst) {
+  const gemm_detail::Layout<uint16_t> layout{kToPanels ? dst : src, N, K};
+  const int64_t kf = layout.full();
+  at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const int64_t p = n / gemm_detail::kPanel;
+      const int rows = layout.rows(p), j = static_cast<int>(n % gemm_detail::kPanel);
+      const int64_t panel = layout.chunk0(p, rows, j) - layout.w, tail = layout.tail(p, rows, j) - layout.w;
+      const int64_t step = layout.step(rows);
+      for (int64_t k = 0; k < kf; k += kLanes) {
+        const int64_t at = panel + k / kLanes * step;
+        if constexpr (kToPanels)
+          std::copy_n(src + n * K + k, kLanes, dst + at);
+        else
+          std::copy_n(src + at, kLanes, dst + n * K + k);
+      }
+      if constexpr (kToPanels)
+        std::copy_n(src + n * K + kf, K - kf, dst + tail);
+      else
+        std::copy_n(src + tail, K - kf, dst + n * K + kf);
+    }
+  });
+}
+
 inline void pack_panels(const uint16_t* dense, int64_t N, int64_t K, uint16_t* packed) {
-  const gemm_detail::Layout<uint16_t> layout{packed, N, K};
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t k = 0; k < K; ++k) *const_cast<uint16_t*>(layout.at(n, k)) = dense[n * K + k];
+  copy_panels<true>(dense, N, K, packed);
 }
 
 inline void unpack_panels(const uint16_t* packed, int64_t N, int64_t K, uint16_t* dense) {
-  const gemm_detail::Layout<uint16_t> layout{packed, N, K};
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t k = 0; k < K; ++k) dense[n * K + k] = *layout.at(n, k);
+  copy_panels<false>(packed, N, K, dense);
 }
 
 }  // namespace customllm
