@@ -2,9 +2,9 @@
 // with FMA. bfloat16 weights stay bfloat16 in memory (half the bytes, which decides decode speed) and are widened
 // in registers. Two kernels, chosen by the row count M:
 //
-// - M < kOuterMinRows (decode at small batch, memory-bound): inner products, a register tile of up to 4 input
-//   rows x up to 4 weight rows of one panel (below), read once for all of them, with software prefetch ahead
-//   of the weight stream.
+// - M < kOuterMinRows (decode at small batch, memory-bound; the MoE experts' token groups): inner products, a
+//   register tile of up to 3 input rows x the 4 weight rows of one panel (below), read once for all of them,
+//   with software prefetch ahead of the weight stream.
 // - M >= kOuterMinRows (large batch, prefill: FLOP-bound): outer products. x is packed once per call into
 //   column panels xp [M/kMT][K][kMT] (kMT = 2 vectors of rows, zero padded); a tile of kNW weight rows x kKC
 //   features is widened once into an L1 buffer and reused for every row panel; the micro-kernel broadcasts one
@@ -250,7 +250,7 @@ void gemm_outer(const float* x, int64_t M, const Layout<W>& w, float* out, int64
 
 }  // namespace gemm_detail
 
-constexpr int64_t kOuterMinRows = 16;  // measured: inner products win at M = 8, outer products at 16
+constexpr int64_t kOuterMinRows = 32;  // measured on panels: inner products win up to M = 24, outer products from 32
 
 // x [M, K] float32, w [N, K] (float32 dense rows, or bfloat16 panels) -> out [M, N] float32 (row stride ldo).
 // Parallel over N (call it outside any parallel region).

@@ -17,7 +17,7 @@ from tests.model.test_backend import _run
 pytestmark = pytest.mark.skipif(not cpu_extension.load(), reason="CPU extension unavailable on this machine")
 
 
-# Inner products below 16 rows (tiles of 4 weight rows: one panel), outer products from 16 (panels of 2 vectors
+# Inner products below 32 rows (tiles of 4 weight rows: one panel), outer products from 32 (panels of 2 vectors
 # of rows: 16 at 8 lanes, 32 at 16; blocks of 128): full, one-vector and ragged panels at both widths.
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 15, 16, 17, 31, 32, 33, 48, 64, 67, 130])
 # Weight panels of 4 rows (37, 5, 13: a short last panel); 19: scalar tails only; 40: a tail past 8 and 16
