@@ -53,7 +53,7 @@ void gemm_new(const at::Tensor& x, const at::Tensor& w, at::Tensor& out) {
   customllm::gemm(x.data_ptr<float>(), x.size(0), x.size(1), wptr(w), w.size(0), out.data_ptr<float>(), w.size(0));
 }
 void gemm_inner(const at::Tensor& x, const at::Tensor& w, at::Tensor& out) {
-  customllm::gemm_detail::gemm_inner<3, 4>(x.data_ptr<float>(), x.size(0), layout(w), out.data_ptr<float>(), w.size(0));
+  customllm::gemm_detail::gemm_inner<3>(x.data_ptr<float>(), x.size(0), layout(w), out.data_ptr<float>(), w.size(0));
 }
 void gemm_outer(const at::Tensor& x, const at::Tensor& w, at::Tensor& out) {
   customllm::gemm_detail::gemm_outer(x.data_ptr<float>(), x.size(0), layout(w), out.data_ptr<float>(), w.size(0));

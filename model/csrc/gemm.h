@@ -66,14 +66,14 @@ struct Layout {
 };
 
 // ---- inner products ----
-// out[i][j] = x[i] . w[row j0 + j of panel p] for MR input rows and NR weight rows.
+// out[i][j] = x[i] . w[row j of panel p] for MR input rows and the panel's NR rows (kPanel, fewer in the last).
 template <int MR, int NR, typename W>
-void tile(const float* x, int64_t ldx, const Layout<W>& w, int64_t p, int rows, int j0, float* out, int64_t ldo) {
+void tile(const float* x, int64_t ldx, const Layout<W>& w, int64_t p, float* out, int64_t ldo) {
   constexpr bool kDense = std::is_same_v<W, float>;
-  const int64_t kf = w.full(), step = w.step(rows);
+  const int64_t kf = w.full(), step = w.step(NR);
   // Row j's current chunk is q + j * stride: dense rows are K apart, a panel's rows kLanes (a constant).
   const int64_t stride = kDense ? w.K : kLanes;
-  const W* q = w.chunk0(p, rows, j0);
+  const W* q = w.chunk0(p, NR, 0);
   vfloat acc[MR][NR] = {};
   for (int64_t k = 0; k < kf; k += kLanes, q += step) {
     if constexpr (kDense) {
@@ -91,7 +91,7 @@ void tile(const float* x, int64_t ldx, const Layout<W>& w, int64_t p, int rows, 
     }
   }
   for (int j = 0; j < NR; ++j) {
-    const W* t = w.tail(p, rows, j0 + j);
+    const W* t = w.tail(p, NR, j);
     for (int i = 0; i < MR; ++i) {
       float s = hsum(acc[i][j]);
       for (int64_t k = kf; k < w.K; ++k) s += x[i * ldx + k] * scalar_w(t[k - kf]);
@@ -101,31 +101,30 @@ void tile(const float* x, int64_t ldx, const Layout<W>& w, int64_t p, int rows, 
 }
 
 template <int MR, typename W>
-void tile_rows(int nr, const float* x, int64_t ldx, const Layout<W>& w, int64_t p, int rows, int j0, float* out,
-               int64_t ldo) {
-  switch (nr) {
-    case 4: tile<MR, 4>(x, ldx, w, p, rows, j0, out, ldo); break;
-    case 3: tile<MR, 3>(x, ldx, w, p, rows, j0, out, ldo); break;
-    case 2: tile<MR, 2>(x, ldx, w, p, rows, j0, out, ldo); break;
-    default: tile<MR, 1>(x, ldx, w, p, rows, j0, out, ldo); break;
+void tile_rows(int rows, const float* x, int64_t ldx, const Layout<W>& w, int64_t p, float* out, int64_t ldo) {
+  switch (rows) {
+    case 4: tile<MR, 4>(x, ldx, w, p, out, ldo); break;
+    case 3: tile<MR, 3>(x, ldx, w, p, out, ldo); break;
+    case 2: tile<MR, 2>(x, ldx, w, p, out, ldo); break;
+    default: tile<MR, 1>(x, ldx, w, p, out, ldo); break;
   }
 }
 
 template <typename W>
-void tile_any(int mr, int nr, const float* x, int64_t ldx, const Layout<W>& w, int64_t p, int rows, int j0,
-              float* out, int64_t ldo) {
+void tile_any(int mr, int rows, const float* x, int64_t ldx, const Layout<W>& w, int64_t p, float* out,
+              int64_t ldo) {
   switch (mr) {
-    case 4: tile_rows<4>(nr, x, ldx, w, p, rows, j0, out, ldo); break;
-    case 3: tile_rows<3>(nr, x, ldx, w, p, rows, j0, out, ldo); break;
-    case 2: tile_rows<2>(nr, x, ldx, w, p, rows, j0, out, ldo); break;
-    default: tile_rows<1>(nr, x, ldx, w, p, rows, j0, out, ldo); break;
+    case 3: tile_rows<3>(rows, x, ldx, w, p, out, ldo); break;
+    case 2: tile_rows<2>(rows, x, ldx, w, p, out, ldo); break;
+    default: tile_rows<1>(rows, x, ldx, w, p, out, ldo); break;
   }
 }
 
-// Register tiles of kMR input rows x kNR rows of a panel. Each thread takes one contiguous range of panels:
-// it streams one run of the weight.
-template <int kMR, int kNR, typename W>
+// Register tiles of up to kMR (2 or 3) input rows x one whole panel. Each thread takes one contiguous range of
+// panels: it streams one run of the weight.
+template <int kMR, typename W>
 void gemm_inner(const float* x, int64_t M, const Layout<W>& w, float* out, int64_t ldo) {
+  static_assert(kMR == 2 || kMR == 3, "tile_any dispatches 1 to 3 input rows");
   const int64_t panels = (w.N + kPanel - 1) / kPanel;
   at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
     for (int64_t m0 = 0; m0 < M; m0 += kRowBlock) {
@@ -134,9 +133,7 @@ void gemm_inner(const float* x, int64_t M, const Layout<W>& w, float* out, int64
         const int rows = w.rows(p);
         for (int64_t m = m0; m < m1; m += kMR) {
           const int mr = static_cast<int>(std::min<int64_t>(kMR, m1 - m));
-          for (int j0 = 0; j0 < rows; j0 += kNR)
-            tile_any(mr, std::min(kNR, rows - j0), x + m * w.K, w.K, w, p, rows, j0, out + m * ldo + p * kPanel + j0,
-                     ldo);
+          tile_any(mr, rows, x + m * w.K, w.K, w, p, out + m * ldo + p * kPanel, ldo);
         }
       }
     }
@@ -263,9 +260,9 @@ void gemm(const float* x, int64_t M, int64_t K, const W* w, int64_t N, float* ou
   if (M >= kOuterMinRows)
     gemm_detail::gemm_outer(x, M, layout, out, ldo);
   else if (M <= 2)
-    gemm_detail::gemm_inner<2, 4>(x, M, layout, out, ldo);
+    gemm_detail::gemm_inner<2>(x, M, layout, out, ldo);
   else
-    gemm_detail::gemm_inner<3, 4>(x, M, layout, out, ldo);
+    gemm_detail::gemm_inner<3>(x, M, layout, out, ldo);
 }
 
 // Dense bfloat16 [N, K] <-> panels (bit copies), a row's whole chunks and then its tail at a time.

@@ -59,7 +59,7 @@ void run_experts(const float* x, int64_t T, int64_t D, const int64_t* ids, const
 }
 
 template <typename W>
-std::vector<const W*> pointers(const std::vector<at::Tensor>& ws) {
+std::vector<const W*> pointers(at::TensorList ws) {
   std::vector<const W*> out;
   for (const auto& w : ws) out.push_back(reinterpret_cast<const W*>(w.data_ptr()));
   return out;
@@ -91,13 +91,12 @@ void moe_experts(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& w
   auto x32 = x.to(at::kFloat).contiguous();
   auto id = ids.contiguous();
   auto w = weights.contiguous();
-  const std::vector<at::Tensor> gu(gate_up.begin(), gate_up.end()), dn(down.begin(), down.end());
   if (dtype == at::kFloat)
     run_experts(x32.data_ptr<float>(), T, D, id.data_ptr<int64_t>(), w.data_ptr<float>(), ids.size(1),
-                pointers<float>(gu), pointers<float>(dn), I, out.data_ptr<float>());
+                pointers<float>(gate_up), pointers<float>(down), I, out.data_ptr<float>());
   else
     run_experts(x32.data_ptr<float>(), T, D, id.data_ptr<int64_t>(), w.data_ptr<float>(), ids.size(1),
-                pointers<uint16_t>(gu), pointers<uint16_t>(dn), I, out.data_ptr<float>());
+                pointers<uint16_t>(gate_up), pointers<uint16_t>(down), I, out.data_ptr<float>());
 }
 
 }  // namespace

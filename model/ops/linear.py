@@ -29,8 +29,12 @@ class PlainLinear:
     """Dense weights and `F.linear`; prepared weights share storage with the parameters."""
 
     name = "plain"
-    copies_weights = False  # prepare() returns the weight itself (or a view of it)
     weight_layout = "dense"  # what prepare() returns: "dense", "onednn", "panels" (bfloat16) or "int8"
+
+    @property
+    def copies_weights(self) -> bool:
+        """Whether prepare() returns a copy (any layout but the dense weight itself, or a view of it)."""
+        return self.weight_layout != "dense"
 
     def prepare(self, weight: torch.Tensor) -> torch.Tensor:
         """The weight [out, in] in this backend's layout."""
@@ -52,7 +56,6 @@ class OneDNNPackedLinear(PlainLinear):
     """Weights reordered once into oneDNN's blocked layout (an opaque mkldnn tensor, a copy)."""
 
     name = "onednn-packed"
-    copies_weights = True
     weight_layout = "onednn"
 
     def prepare(self, weight: torch.Tensor) -> torch.Tensor:
@@ -79,7 +82,6 @@ class CppBF16Linear(PlainLinear):
     """bfloat16 weights in the extension's panel layout (a copy), applied by its float32-accumulating kernel."""
 
     name = "cpp-bf16"
-    copies_weights = True
     weight_layout = "panels"
 
     def prepare(self, weight: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,7 @@ import logging
 import torch
 
 from model.layers import StackedExperts
+from model.ops.linear import CppBF16Linear, PlainLinear
 
 logger = logging.getLogger(__name__)
 
@@ -76,10 +77,15 @@ class CppExperts(TorchExperts):
         return acc.to(x.dtype)
 
 
+def kernel_weights_backend(dtype: torch.dtype) -> PlainLinear | None:
+    """The linear backend whose prepared expert weights the C++ kernel reads in this dtype (bfloat16 panels,
+    dense float32), or None."""
+    backend = {torch.bfloat16: CppBF16Linear, torch.float32: PlainLinear}.get(dtype)
+    return None if backend is None else backend()
+
+
 def _self_check(dtype: torch.dtype) -> bool:
     """The kernel against the torch path in float32 on the same (rounded) weights, on a small case."""
-    from model.ops.linear import CppBF16Linear, PlainLinear
-
     g = torch.Generator().manual_seed(0)
     oracle_experts = StackedExperts(3, 16, 8)
     with torch.no_grad():
@@ -87,7 +93,9 @@ def _self_check(dtype: torch.dtype) -> bool:
         oracle_experts.down.copy_(torch.randn(oracle_experts.down.shape, generator=g) / 4)
         experts = copy.deepcopy(oracle_experts).to(dtype)
         oracle_experts.to(dtype).float()  # the oracle sees the rounded weights
-        experts.prepare(CppBF16Linear() if dtype == torch.bfloat16 else PlainLinear())
+        backend = kernel_weights_backend(dtype)
+        assert backend is not None, dtype
+        experts.prepare(backend)
         x = torch.randn(5, 16, generator=g).to(dtype)
         ids = torch.tensor([[0, 2], [1, 0], [2, 1], [2, 0], [1, 2]])
         weights = torch.rand(5, 2, generator=g)
@@ -98,10 +106,6 @@ def _self_check(dtype: torch.dtype) -> bool:
 
 
 BACKENDS = ("auto", "torch", "cpp", "grouped-mm", "dense-masked")
-
-
-# The prepared expert weights the C++ kernel reads, per dtype (the linear backends' `weight_layout`).
-_CPP_LAYOUTS = {torch.bfloat16: "panels", torch.float32: "dense"}
 
 
 @functools.cache
@@ -120,8 +124,9 @@ def select_experts(device: torch.device, dtype: torch.dtype, layout: str, name: 
         if not dense_weights:
             raise ValueError(f"MoE experts backend {name} needs the dense stacked expert weights")
         return select_graph_safe_experts(device, dtype, "auto" if name == "auto" else name)
+    readable = kernel_weights_backend(dtype)
     usable = cpu_extension.kernel_usable("MoE experts", name, device, dtype, _self_check,
-                                         possible=_CPP_LAYOUTS.get(dtype) == layout)
+                                         possible=readable is not None and readable.weight_layout == layout)
     backend = CppExperts() if usable else TorchExperts()
     logger.info("MoE experts backend for %s %s: %s", device, dtype, backend.name)
     return backend

@@ -63,8 +63,7 @@ class Int8DequantLinear(PlainLinear):
     """Int8 storage, dequantized to the activation dtype on every call: correct everywhere, not fast."""
 
     name = "int8-dequant"
-    copies_weights = True  # the dense expert weights are released: the int8 copy is what stays in memory
-    weight_layout = "int8"
+    weight_layout = "int8"  # a copy: the dense expert weights are released, the int8 one is what stays in memory
 
     def prepare(self, weight: torch.Tensor) -> Int8Weight | torch.Tensor:  # type: ignore[override]
         if weight.shape[0] < MIN_QUANTIZED_ROWS:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from model import CustomLLM, load_model
+from model import CustomLLM, ModelConfig, load_model
 from model.ops import cpu_extension
 from model.ops.linear import OneDNNPackedLinear, PlainLinear, select_linear_backend
 from tests.model.conftest import TINY, randomise
@@ -14,8 +14,8 @@ needs_packed = pytest.mark.skipif(not PACKED, reason="oneDNN packed linear not u
 needs_cpp = pytest.mark.skipif(not cpu_extension.load(), reason="CPU extension unavailable on this machine")
 
 
-def _tiny(dtype: torch.dtype, backend: str) -> CustomLLM:
-    model = load_model(None, dtype=dtype, config=TINY)
+def _tiny(dtype: torch.dtype, backend: str, config: ModelConfig = TINY) -> CustomLLM:
+    model = load_model(None, dtype=dtype, config=config)
     randomise(model, 3)
     model.prepare_for_inference(backend)
     return model

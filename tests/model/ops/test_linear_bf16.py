@@ -8,11 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import CustomLLM, load_model
 from model.ops import cpu_extension
 from model.ops.linear import CppBF16Linear, select_linear_backend
-from tests.model.conftest import TINY, randomise
-from tests.model.test_backend import _run
+from tests.model.conftest import TINY
+from tests.model.test_backend import _run, _tiny
 
 pytestmark = pytest.mark.skipif(not cpu_extension.load(), reason="CPU extension unavailable on this machine")
 
@@ -73,17 +72,13 @@ def test_selected_where_onednn_has_no_bf16() -> None:
         select_linear_backend("cpu", torch.float32, "cpp-bf16")
 
 
-def _every_expert_routed(backend: str) -> CustomLLM:
-    """The tiny model with top-k = all experts: no near-tie in the routing that bfloat16 rounding could flip."""
-    config = dataclasses.replace(TINY, top_k_experts=TINY.num_experts - TINY.num_shared_experts)
-    model = load_model(None, dtype=torch.bfloat16, config=config)
-    randomise(model, 3)
-    model.prepare_for_inference(backend)
-    return model
+# Top-k = all routed experts: no near-tie in the routing that bfloat16 rounding could flip.
+EVERY_EXPERT_ROUTED = dataclasses.replace(TINY, top_k_experts=TINY.num_experts - TINY.num_shared_experts)
 
 
 def test_model_matches_plain_backend() -> None:
-    fast, plain = _every_expert_routed("cpp-bf16"), _every_expert_routed("plain")
+    fast = _tiny(torch.bfloat16, "cpp-bf16", EVERY_EXPERT_ROUTED)
+    plain = _tiny(torch.bfloat16, "plain", EVERY_EXPERT_ROUTED)
     assert fast.linear_backend is not None and fast.linear_backend.name == "cpp-bf16"
     assert fast.decoder_layers[0].mlp.moe._experts.name == "cpp"  # on the backend's panels
     got, want = _run(fast), _run(plain)

@@ -10,15 +10,16 @@ import torch
 from model.layers import StackedExperts
 from model.moe import MoE
 from model.ops import cpu_extension
-from model.ops.linear import CppBF16Linear, PlainLinear
-from model.ops.moe_experts import CppExperts, TorchExperts, select_experts
+from model.ops.linear import PlainLinear
+from model.ops.moe_experts import CppExperts, TorchExperts, kernel_weights_backend, select_experts
 
 pytestmark = pytest.mark.skipif(not cpu_extension.load(), reason="CPU extension unavailable on this machine")
 
 
 def _backend(dtype: torch.dtype) -> PlainLinear:
-    """The linear backend whose expert weights the kernel reads in this dtype (bfloat16 panels, dense float32)."""
-    return CppBF16Linear() if dtype == torch.bfloat16 else PlainLinear()
+    backend = kernel_weights_backend(dtype)
+    assert backend is not None, dtype
+    return backend
 
 
 def _experts(num: int, hidden: int, inter: int, seed: int) -> StackedExperts:
