@@ -1,16 +1,15 @@
-"""A/B of the extension's GEMM (model/csrc/gemm.h) against an older revision of it, in one process.
+"""A/B of the extension's bfloat16 GEMM (model/csrc/gemm.h) against an older revision of it, in one process.
 
 Usage: python bench/gemm_ab.py [--base main] [--rounds 20] [--threads N] [--cases small,large]
-                              [--variants old,new]
 
-`--base f93f2e3` is gemm.h (and vec.h) before the AVX2 rework; `--base 7d408ad` the last dense-layout one (the
-working tree's variants get the weight packed into panels first, old ones the dense weight). GEMM_AB_ROWS=1,4
-picks the decode row counts. Both versions are compiled into one throwaway
-extension (the old one under another namespace), so every figure comes from the same process. The variants
-alternate within each round and each figure is the best call over all rounds: a shared machine's drift hits
-both alike. Decode (M <= 8) is memory-bound: its
-weights rotate over enough copies (> 2x L3) that they come from DRAM, as the model's 30 layers do; the figure
-is weight GB/s. Large M is FLOP-bound: GFLOP/s. Random inputs; not a test (the tests are tests/model/ops/).
+`--base` is any revision with pack_panels (from 26afa9b); `--base bf169fd` is the last one with panels of 4
+weight rows stored chunk by chunk. Each variant gets the weight packed by its own pack_panels.
+GEMM_AB_ROWS=1,4 picks the decode row counts. Both versions are compiled into one throwaway extension (the old
+one under another namespace), so every figure comes from the same process. The variants alternate within each
+round and each figure is the best call over all rounds: a shared machine's drift hits both alike. Decode
+(M <= 8) is memory-bound: its weights rotate over enough copies (> 2x L3) that they come from DRAM, as the
+model's 30 layers do; the figure is weight GB/s. Larger M is FLOP-bound: GFLOP/s. The MoE experts' token
+groups at batch 64 have 10-30 rows. Random inputs; not a test (the tests are tests/model/ops/).
 """
 
 from __future__ import annotations
@@ -36,27 +35,22 @@ _SOURCE = r"""
 
 using W = const uint16_t*;
 W wptr(const at::Tensor& w) { return reinterpret_cast<W>(w.data_ptr<at::BFloat16>()); }
-// out [M, N] = x [M, K] float32 . w [N, K] bfloat16 ^T, by each variant.
+// w [N, K] bfloat16 dense -> the same shape in a variant's layout.
+template <typename Pack>
+at::Tensor pack(const at::Tensor& w, Pack fn) {
+  auto packed = at::empty_like(w);
+  fn(wptr(w), w.size(0), w.size(1), reinterpret_cast<uint16_t*>(packed.data_ptr<at::BFloat16>()));
+  return packed;
+}
+at::Tensor pack_old(const at::Tensor& w) { return pack(w, customllm_old::pack_panels); }
+at::Tensor pack_new(const at::Tensor& w) { return pack(w, customllm::pack_panels); }
+// out [M, N] = x [M, K] float32 . w [N, K] bfloat16 ^T, by each variant on its own packed weight.
 void gemm_old(const at::Tensor& x, const at::Tensor& w, at::Tensor& out) {
   customllm_old::gemm(x.data_ptr<float>(), x.size(0), x.size(1), wptr(w), w.size(0), out.data_ptr<float>(),
                       w.size(0));
 }
-// The working tree's variants take the weight in its layout (pack_new).
-at::Tensor pack_new(const at::Tensor& w) {
-  auto packed = at::empty_like(w);
-  auto* dst = reinterpret_cast<uint16_t*>(packed.data_ptr<at::BFloat16>());
-  customllm::pack_panels(wptr(w), w.size(0), w.size(1), dst);
-  return packed;
-}
-customllm::gemm_detail::Layout<uint16_t> layout(const at::Tensor& w) { return {wptr(w), w.size(0), w.size(1)}; }
 void gemm_new(const at::Tensor& x, const at::Tensor& w, at::Tensor& out) {
   customllm::gemm(x.data_ptr<float>(), x.size(0), x.size(1), wptr(w), w.size(0), out.data_ptr<float>(), w.size(0));
-}
-void gemm_inner(const at::Tensor& x, const at::Tensor& w, at::Tensor& out) {
-  customllm::gemm_detail::gemm_inner<3>(x.data_ptr<float>(), x.size(0), layout(w), out.data_ptr<float>(), w.size(0));
-}
-void gemm_outer(const at::Tensor& x, const at::Tensor& w, at::Tensor& out) {
-  customllm::gemm_detail::gemm_outer(x.data_ptr<float>(), x.size(0), layout(w), out.data_ptr<float>(), w.size(0));
 }
 """
 
@@ -77,7 +71,7 @@ def build(base: str) -> object:
         raise SystemExit("this CPU lacks AVX2/FMA: no extension to compare")
     return cpp_extension.load_inline(
         name="gemm_ab", cpp_sources=[_SOURCE],
-        functions=["gemm_old", "gemm_new", "gemm_inner", "gemm_outer", "pack_new"],
+        functions=["gemm_old", "gemm_new", "pack_old", "pack_new"],
         build_directory=str(tmp),
         extra_cflags=_COMMON_FLAGS + _ISA_FLAGS[isa], extra_ldflags=["-fopenmp"],
         extra_include_paths=[str(CSRC), str(tmp)])
@@ -89,14 +83,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
     parser.add_argument("--cases", default="small,large")
-    parser.add_argument("--variants", default="old,new",
-                        help="old (gemm.h at --base), new (gemm.h), inner / outer (new's two kernels, forced)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     ext = build(args.base)
-    names = args.variants.split(",")
+    names = ["old", "new"]
     variants = {name: getattr(ext, f"gemm_{name}") for name in names}
+    packers = {name: getattr(ext, f"pack_{name}") for name in names}
     cases: list[tuple[str, int, int, int, int]] = []  # (name, M, N, K, copies)
     if "small" in args.cases:
         for m in (int(v) for v in os.environ.get("GEMM_AB_ROWS", "1,2,4,8").split(",")):
@@ -105,27 +98,28 @@ def main() -> None:
             cases.append((f"gate_up M={m}", m, 3072, 768, 16))
             cases.append((f"down M={m}", m, 768, 1536, 24))
     if "large" in args.cases:
-        for m in (16, 32, 64):
-            cases.append((f"gate_up M={m}", m, 3072, 768, 1))
+        for m in (13, 18, 25, 32, 64):
+            cases.append((f"gate_up M={m}", m, 3072, 768, 8))
+            cases.append((f"down M={m}", m, 768, 1536, 12))
         cases.append(("2048^3", 2048, 2048, 2048, 1))
     print(f"old = gemm.h at {args.base}, new = working tree; threads={torch.get_num_threads()}, best of "
           f"{args.rounds} alternating rounds")
     g = torch.Generator().manual_seed(0)
     for name, m, n, k, copies in cases:
         ws = [torch.randn(n, k, generator=g).bfloat16() for _ in range(copies)]
-        packed = [ext.pack_new(w) for w in ws]  # type: ignore[attr-defined]
+        packed = {label: [pack(w) for w in ws] for label, pack in packers.items()}
         x = torch.randn(m, k, generator=g)
         out = torch.empty(m, n)
         want = torch.nn.functional.linear(x, ws[0].float())
         best = dict.fromkeys(variants, float("inf"))
         for _ in range(args.rounds):
             for label, fn in variants.items():
-                for w in ws if label == "old" else packed:
+                for w in packed[label]:
                     start = time.perf_counter()
                     fn(x, w, out)
                     best[label] = min(best[label], time.perf_counter() - start)
         for label, fn in variants.items():
-            fn(x, ws[0] if label == "old" else packed[0], out)
+            fn(x, packed[label][0], out)
             torch.testing.assert_close(out, want, atol=1e-3 * float(want.abs().max()), rtol=0)
         gbs = {label: n * k * 2 / s / 1e9 for label, s in best.items()}
         gfs = {label: 2 * m * n * k / s / 1e9 for label, s in best.items()}

@@ -1,31 +1,31 @@
 // GEMM out = x . w^T with float32 activations and bfloat16 or float32 weights [N, K], accumulating in float32
-// with FMA. bfloat16 weights stay bfloat16 in memory (half the bytes, which decides decode speed) and are widened
-// in registers. Two kernels, chosen by the row count M:
+// with FMA. Shapes: M rows of input, K input features, N output features.
 //
-// - M < kOuterMinRows (decode at small batch, memory-bound; the MoE experts' token groups): inner products, a
-//   register tile of up to 3 input rows x the 4 weight rows of one panel (below), read once for all of them,
-//   with software prefetch ahead of the weight stream.
-// - M >= kOuterMinRows (large batch, prefill: FLOP-bound): outer products. x is packed once per call into
-//   column panels xp [M/kMT][K][kMT] (kMT = 2 vectors of rows, zero padded); a tile of kNW weight rows x kKC
-//   features is widened once into an L1 buffer and reused for every row panel; the micro-kernel broadcasts one
-//   weight and FMAs it into kMT rows: kNW x 2 vector accumulators, no horizontal sums.
+// bfloat16 weights (the cpp-bf16 linear backend and the MoE experts on it) stay bfloat16 in memory (half the
+// bytes, which decides decode speed) and are widened in registers. They are stored as PANELS (pack_panels, once
+// at load): groups of kNR = 2 vectors of consecutive output features, each stored feature-major: for each input
+// feature k, the panel's kNR weights one after another. The last panel holds the N % kNR remaining outputs in
+// the same order, narrower. Same element count as [N, K]. One kernel for every M: a register tile broadcasts
+// one input value and FMAs it into the panel's two weight vectors, for up to kMR = 6 input rows at once (12
+// vector accumulators: AVX2's 16 registers hold them, the two weight vectors and the broadcast), over the whole
+// K. No horizontal sums, no K tails, and each weight vector is widened once for 6 rows. Each thread takes one
+// contiguous range of panels: at decode it streams one sequential run of the weight, which the prefetcher
+// follows. It replaced panels of 4 weight rows stored chunk by chunk (inner products on 3x4 tiles below 32 rows,
+// outer products on widened rows above). On Zen 3, alternating old and new in one process, the MoE experts'
+// token groups of a batch-64 step (M 6-25) run 1.3-1.5x faster, M = 64 1.0-1.2x, M = 1-3 and 2048^3 even.
 //
-// Weight layouts. float32 weights are dense rows [N, K]. bfloat16 weights are PANELS (pack_panels, once at
-// load): groups of kPanel consecutive rows (the last group has N % kPanel rows when N is not a multiple), each
-// stored chunk by chunk: for each chunk of kLanes features, the group's rows' kLanes values one after another;
-// then the last K % kLanes features of each row, row by row. Same element count as [N, K]. A decode GEMV then
-// streams each thread's share of the weight as one sequential run, which the hardware prefetcher follows; the
-// dense layout's kPanel row streams, 1.5-3 KB apart, streamed 1.4x slower (Zen 3: the experts' GEMVs of a
-// batch-1 step, one and two threads). The panel layout depends on kLanes, so it is built by the same build.
-//
-// Shapes: M rows of input, K input features, N output features.
+// float32 weights (the MoE experts of a float32 model) are dense rows, with two kernels chosen by M:
+// - M < kOuterMinRows: inner products, a register tile of up to 3 input rows x 4 weight rows, with software
+//   prefetch ahead of the weight rows.
+// - M >= kOuterMinRows: outer products. x is packed once per call into column panels xp [M/kMT][K][kMT]
+//   (kMT = 2 vectors of rows, zero padded); the micro-kernel broadcasts one weight and FMAs it into kMT rows:
+//   kNW x 2 vector accumulators, no horizontal sums.
 #pragma once
 
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cstdint>
-#include <type_traits>
 #include <vector>
 
 #include "vec.h"
@@ -33,118 +33,154 @@
 namespace customllm {
 namespace gemm_detail {
 
-constexpr int kPanel = 4;          // weight rows per panel (bfloat16 layout) and per register tile
-constexpr int64_t kRowBlock = 64;  // input rows per pass over the weight: their float32 copy stays in L2
-constexpr int64_t kAhead = 512;    // weight elements prefetched ahead of the loads (1 KB of bfloat16)
+constexpr int64_t kAhead = 512;  // weight elements prefetched ahead of the loads
 
-inline vfloat load_w(const float* p) { return load(p); }
-inline vfloat load_w(const uint16_t* p) { return load_bf16(p); }
-inline float scalar_w(float v) { return v; }
-inline float scalar_w(uint16_t v) { return bf16_to_float(v); }
+// ---- bfloat16 panels ----
+constexpr int kNR = 2 * kLanes;        // output features per panel
+constexpr int kMR = 6;                 // input rows per register tile
+constexpr int64_t kPanelRows = 120;    // input rows per pass over a thread's panels: their float32 copy stays in L2
 
-// Where row j of panel p (rows j < rows(p)) keeps its whole chunks (chunk c at chunk0 + c * step) and its
-// K % kLanes tail features. float32: dense rows; bfloat16: panels (see the top of this file).
-template <typename W>
-struct Layout {
-  const W* w;
-  int64_t N, K;
-  int64_t full() const { return K / kLanes * kLanes; }  // features in whole chunks
-  int rows(int64_t p) const { return static_cast<int>(std::min<int64_t>(kPanel, N - p * kPanel)); }
-  int64_t step(int rows) const { return std::is_same_v<W, float> ? kLanes : rows * kLanes; }
-  const W* chunk0(int64_t p, int rows, int j) const {
-    return std::is_same_v<W, float> ? w + (p * kPanel + j) * K : w + p * kPanel * K + j * kLanes;
-  }
-  const W* tail(int64_t p, int rows, int j) const {
-    return std::is_same_v<W, float> ? chunk0(p, rows, j) + full() : w + p * kPanel * K + full() * rows + j * (K - full());
-  }
-  // Element (row n, feature k).
-  const W* at(int64_t n, int64_t k) const {
-    const int64_t p = n / kPanel;
-    const int r = rows(p), j = static_cast<int>(n % kPanel);
-    return k < full() ? chunk0(p, r, j) + k / kLanes * step(r) + k % kLanes : tail(p, r, j) + (k - full());
-  }
-};
-
-// ---- inner products ----
-// out[i][j] = x[i] . w[row j of panel p] for MR input rows and the panel's NR rows (kPanel, fewer in the last).
-template <int MR, int NR, typename W>
-void tile(const float* x, int64_t ldx, const Layout<W>& w, int64_t p, float* out, int64_t ldo) {
-  constexpr bool kDense = std::is_same_v<W, float>;
-  const int64_t kf = w.full(), step = w.step(NR);
-  // Row j's current chunk is q + j * stride: dense rows are K apart, a panel's rows kLanes (a constant).
-  const int64_t stride = kDense ? w.K : kLanes;
-  const W* q = w.chunk0(p, NR, 0);
-  vfloat acc[MR][NR] = {};
-  for (int64_t k = 0; k < kf; k += kLanes, q += step) {
-    if constexpr (kDense) {
-      if (k % 16 == 0)  // one prefetch per cache line of each row
-        for (int j = 0; j < NR; ++j) __builtin_prefetch(q + j * stride + kAhead, 0, 3);
-    } else {
-      // A panel's chunk is one cache line at 8 lanes, two at 16.
-      for (int64_t line = 0; line < kPanel * kLanes; line += 32) __builtin_prefetch(q + kAhead + line, 0, 3);
-    }
-    vfloat xk[MR];
-    for (int i = 0; i < MR; ++i) xk[i] = load(x + i * ldx + k);
-    for (int j = 0; j < NR; ++j) {
-      const vfloat wk = load_w(q + j * stride);
-      for (int i = 0; i < MR; ++i) acc[i][j] += xk[i] * wk;
-    }
-  }
-  for (int j = 0; j < NR; ++j) {
-    const W* t = w.tail(p, NR, j);
+// out[i][j] = sum_k x[i][k] * wp[k][j] for i < MR, j < kNR: one whole panel wp [K][kNR].
+template <int MR>
+void panel_tile(const float* x, int64_t ldx, const uint16_t* wp, int64_t K, float* out, int64_t ldo) {
+  vfloat acc[MR][2] = {};
+  for (int64_t k = 0; k < K; ++k, wp += kNR) {
+    __builtin_prefetch(wp + kAhead, 0, 3);
+    const vfloat w0 = load_bf16(wp), w1 = load_bf16(wp + kLanes);
     for (int i = 0; i < MR; ++i) {
-      float s = hsum(acc[i][j]);
-      for (int64_t k = kf; k < w.K; ++k) s += x[i * ldx + k] * scalar_w(t[k - kf]);
-      out[i * ldo + j] = s;
+      const vfloat b = splat(x[i * ldx + k]);
+      acc[i][0] += b * w0;
+      acc[i][1] += b * w1;
     }
   }
-}
-
-template <int MR, typename W>
-void tile_rows(int rows, const float* x, int64_t ldx, const Layout<W>& w, int64_t p, float* out, int64_t ldo) {
-  switch (rows) {
-    case 4: tile<MR, 4>(x, ldx, w, p, out, ldo); break;
-    case 3: tile<MR, 3>(x, ldx, w, p, out, ldo); break;
-    case 2: tile<MR, 2>(x, ldx, w, p, out, ldo); break;
-    default: tile<MR, 1>(x, ldx, w, p, out, ldo); break;
+  for (int i = 0; i < MR; ++i) {
+    store(out + i * ldo, acc[i][0]);
+    store(out + i * ldo + kLanes, acc[i][1]);
   }
 }
 
-template <typename W>
-void tile_any(int mr, int rows, const float* x, int64_t ldx, const Layout<W>& w, int64_t p, float* out,
-              int64_t ldo) {
+inline void panel_tile_any(int mr, const float* x, int64_t ldx, const uint16_t* wp, int64_t K, float* out,
+                           int64_t ldo) {
+  static_assert(kMR == 6, "one case per row count");
   switch (mr) {
-    case 3: tile_rows<3>(rows, x, ldx, w, p, out, ldo); break;
-    case 2: tile_rows<2>(rows, x, ldx, w, p, out, ldo); break;
-    default: tile_rows<1>(rows, x, ldx, w, p, out, ldo); break;
+    case 6: panel_tile<6>(x, ldx, wp, K, out, ldo); break;
+    case 5: panel_tile<5>(x, ldx, wp, K, out, ldo); break;
+    case 4: panel_tile<4>(x, ldx, wp, K, out, ldo); break;
+    case 3: panel_tile<3>(x, ldx, wp, K, out, ldo); break;
+    case 2: panel_tile<2>(x, ldx, wp, K, out, ldo); break;
+    default: panel_tile<1>(x, ldx, wp, K, out, ldo); break;
   }
 }
 
-// Register tiles of up to kMR (2 or 3) input rows x one whole panel. Each thread takes one contiguous range of
-// panels: it streams one run of the weight.
-template <int kMR, typename W>
-void gemm_inner(const float* x, int64_t M, const Layout<W>& w, float* out, int64_t ldo) {
-  static_assert(kMR == 2 || kMR == 3, "tile_any dispatches 1 to 3 input rows");
-  const int64_t panels = (w.N + kPanel - 1) / kPanel;
+inline void gemm_panels(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, float* out,
+                        int64_t ldo) {
+  const int64_t panels = (N + kNR - 1) / kNR;
+  // Panels per chunk: about 128 KB of weight, which stays in L2 while every row tile passes over it. Row tile by
+  // row tile, each output row is then written in runs of a chunk's width: panel by panel, a pass of many rows
+  // would write one line of every row, and rows ldo apart (often a multiple of 4 KB: lm_head's 196 KB) fall
+  // into the same cache sets and keep evicting each other.
+  const int64_t chunk = std::max<int64_t>(1, (128 << 10) / (K * kNR * 2));
   at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t m0 = 0; m0 < M; m0 += kRowBlock) {
-      const int64_t m1 = std::min(M, m0 + kRowBlock);
-      for (int64_t p = begin; p < end; ++p) {
-        const int rows = w.rows(p);
+    std::vector<uint16_t> padded;  // the narrow last panel, zero padded to kNR outputs (if this thread has it)
+    float narrow_out[kMR * kNR];
+    for (int64_t m0 = 0; m0 < M; m0 += kPanelRows) {
+      const int64_t m1 = std::min(M, m0 + kPanelRows);
+      for (int64_t c0 = begin; c0 < end; c0 += chunk) {
+        const int64_t c1 = std::min(end, c0 + chunk);
         for (int64_t m = m0; m < m1; m += kMR) {
           const int mr = static_cast<int>(std::min<int64_t>(kMR, m1 - m));
-          tile_any(mr, rows, x + m * w.K, w.K, w, p, out + m * ldo + p * kPanel, ldo);
+          for (int64_t p = c0; p < c1; ++p) {
+            const int64_t n0 = p * kNR;
+            const int nr = static_cast<int>(std::min<int64_t>(kNR, N - n0));
+            const uint16_t* wp = w + n0 * K;  // every panel before it is whole
+            if (nr == kNR) {
+              panel_tile_any(mr, x + m * K, K, wp, K, out + m * ldo + n0, ldo);
+              continue;
+            }
+            if (padded.empty()) {
+              padded.assign(K * kNR, 0);
+              for (int64_t k = 0; k < K; ++k) std::copy_n(wp + k * nr, nr, padded.data() + k * kNR);
+            }
+            panel_tile_any(mr, x + m * K, K, padded.data(), K, narrow_out, kNR);
+            for (int i = 0; i < mr; ++i) std::copy_n(narrow_out + i * kNR, nr, out + (m + i) * ldo + n0);
+          }
         }
       }
     }
   });
 }
 
-// ---- outer products ----
-constexpr int kNW = 6;                // weight rows per micro tile: kNW x 2 accumulators (12 of 16 AVX2 registers)
-constexpr int kMT = 2 * kLanes;       // rows per x panel
-constexpr int64_t kKC = 1024;  // features per block: the widened weight tile (24 KB) stays in L1
-constexpr int64_t kMB = 128;          // rows per pass over a weight tile: their x panels (256 KB) stay in L2
+// ---- float32 dense rows: inner products ----
+constexpr int kRowTile = 4;        // weight rows per register tile
+constexpr int64_t kRowBlock = 64;  // input rows per pass over the weight: they stay in L2
+
+// out[i][j] = x[i] . w[j] for MR input rows and NR weight rows (w [NR, K], rows K apart).
+template <int MR, int NR>
+void row_tile(const float* x, int64_t ldx, const float* w, int64_t K, float* out, int64_t ldo) {
+  const int64_t kf = K / kLanes * kLanes;
+  vfloat acc[MR][NR] = {};
+  for (int64_t k = 0; k < kf; k += kLanes) {
+    if (k % 16 == 0)  // one prefetch per cache line of each row
+      for (int j = 0; j < NR; ++j) __builtin_prefetch(w + j * K + k + kAhead, 0, 3);
+    vfloat xk[MR];
+    for (int i = 0; i < MR; ++i) xk[i] = load(x + i * ldx + k);
+    for (int j = 0; j < NR; ++j) {
+      const vfloat wk = load(w + j * K + k);
+      for (int i = 0; i < MR; ++i) acc[i][j] += xk[i] * wk;
+    }
+  }
+  for (int j = 0; j < NR; ++j)
+    for (int i = 0; i < MR; ++i) {
+      float s = hsum(acc[i][j]);
+      for (int64_t k = kf; k < K; ++k) s += x[i * ldx + k] * w[j * K + k];
+      out[i * ldo + j] = s;
+    }
+}
+
+template <int MR>
+void row_tile_rows(int rows, const float* x, int64_t ldx, const float* w, int64_t K, float* out, int64_t ldo) {
+  switch (rows) {
+    case 4: row_tile<MR, 4>(x, ldx, w, K, out, ldo); break;
+    case 3: row_tile<MR, 3>(x, ldx, w, K, out, ldo); break;
+    case 2: row_tile<MR, 2>(x, ldx, w, K, out, ldo); break;
+    default: row_tile<MR, 1>(x, ldx, w, K, out, ldo); break;
+  }
+}
+
+inline void row_tile_any(int mr, int rows, const float* x, int64_t ldx, const float* w, int64_t K, float* out,
+                         int64_t ldo) {
+  switch (mr) {
+    case 3: row_tile_rows<3>(rows, x, ldx, w, K, out, ldo); break;
+    case 2: row_tile_rows<2>(rows, x, ldx, w, K, out, ldo); break;
+    default: row_tile_rows<1>(rows, x, ldx, w, K, out, ldo); break;
+  }
+}
+
+// Register tiles of up to kMR (2 or 3) input rows x kRowTile weight rows; each thread takes one contiguous range
+// of weight rows.
+template <int kMR>
+void gemm_inner(const float* x, int64_t M, int64_t K, const float* w, int64_t N, float* out, int64_t ldo) {
+  static_assert(kMR == 2 || kMR == 3, "row_tile_any dispatches 1 to 3 input rows");
+  const int64_t tiles = (N + kRowTile - 1) / kRowTile;
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t m0 = 0; m0 < M; m0 += kRowBlock) {
+      const int64_t m1 = std::min(M, m0 + kRowBlock);
+      for (int64_t t = begin; t < end; ++t) {
+        const int rows = static_cast<int>(std::min<int64_t>(kRowTile, N - t * kRowTile));
+        for (int64_t m = m0; m < m1; m += kMR) {
+          const int mr = static_cast<int>(std::min<int64_t>(kMR, m1 - m));
+          row_tile_any(mr, rows, x + m * K, K, w + t * kRowTile * K, K, out + m * ldo + t * kRowTile, ldo);
+        }
+      }
+    }
+  });
+}
+
+// ---- float32 dense rows: outer products ----
+constexpr int kNW = 6;           // weight rows per micro tile: kNW x 2 accumulators (12 of 16 AVX2 registers)
+constexpr int kMT = 2 * kLanes;  // rows per x panel
+constexpr int64_t kKC = 1024;    // features per block: kNW weight rows of it (24 KB) stay in L1
+constexpr int64_t kMB = 128;     // rows per pass over a weight tile: their x panels (256 KB) stay in L2
 
 // out[m0 + r][n + j] (+)= sum_k xp[k][r] * wr[j][k] for r < rows, j < nw; MV vectors of rows (MV * kLanes).
 template <int MV>
@@ -173,21 +209,7 @@ void micro(const float* xp, const float* const* wr, int64_t kc, float* out, int6
   }
 }
 
-// dst[k - k0] = w[n][k] for k in [k0, k0 + kc), k0 a multiple of kLanes: a panel row widened to float32.
-inline void widen_row(const Layout<uint16_t>& w, int64_t n, int64_t k0, int64_t kc, float* dst) {
-  const int64_t end = k0 + kc, full = std::min(end, w.full());
-  int64_t k = k0;
-  if (k < full) {
-    const uint16_t* src = w.at(n, k);
-    const int64_t step = w.step(w.rows(n / kPanel));
-    for (; k < full; k += kLanes, src += step) store(dst + (k - k0), load_bf16(src));
-  }
-  for (; k < end; ++k) dst[k - k0] = bf16_to_float(*w.at(n, k));
-}
-
-template <typename W, int64_t KC = kKC>
-void gemm_outer(const float* x, int64_t M, const Layout<W>& w, float* out, int64_t ldo) {
-  const int64_t K = w.K, N = w.N;
+inline void gemm_outer(const float* x, int64_t M, int64_t K, const float* w, int64_t N, float* out, int64_t ldo) {
   // Pack x [M, K] into panels xp[p][k][r] = x[p * kMT + r][k] (zero past M).
   const int64_t panels = (M + kMT - 1) / kMT;
   // 64-byte aligned: each feature's kMT rows are one or two whole cache lines.
@@ -205,12 +227,12 @@ void gemm_outer(const float* x, int64_t M, const Layout<W>& w, float* out, int64
         for (int64_t k = 0; k < K; ++k) dst[k * kMT + r] = 0.f;
     }
   });
-  // Balanced feature blocks of at most about KC, whole chunks (a panel row widens chunk by chunk).
-  const int64_t kblocks = (K + KC - 1) / KC;
-  const int64_t kc_max = ((K + kblocks - 1) / kblocks + kLanes - 1) / kLanes * kLanes;
+  // Balanced feature blocks of at most about kKC.
+  const int64_t kblocks = (K + kKC - 1) / kKC;
+  const int64_t kc_max = (K + kblocks - 1) / kblocks;
   const int64_t tiles = (N + kNW - 1) / kNW;
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> wbuf(static_cast<size_t>(kNW * kc_max), 0.f);  // widened bf16 tile / zero rows
+    const std::vector<float> zeros(static_cast<size_t>(kc_max), 0.f);  // the rows past N of the last tile
     const int64_t n0 = begin * kNW, n1 = std::min(N, end * kNW);
     for (int64_t mb = 0; mb < M; mb += kMB) {
       const int64_t mb1 = std::min(M, mb + kMB);
@@ -219,18 +241,7 @@ void gemm_outer(const float* x, int64_t M, const Layout<W>& w, float* out, int64
         for (int64_t k0 = 0; k0 < K; k0 += kc_max) {
           const int64_t kc = std::min(kc_max, K - k0);
           const float* wr[kNW];
-          for (int j = 0; j < kNW; ++j) {
-            float* row = wbuf.data() + j * kc_max;
-            if (j >= nw) {
-              std::fill_n(row, kc, 0.f);
-              wr[j] = row;
-            } else if constexpr (std::is_same_v<W, float>) {
-              wr[j] = w.at(n + j, k0);
-            } else {
-              widen_row(w, n + j, k0, kc, row);
-              wr[j] = row;
-            }
-          }
+          for (int j = 0; j < kNW; ++j) wr[j] = j < nw ? w + (n + j) * K + k0 : zeros.data();
           for (int64_t m = mb; m < mb1; m += kMT) {
             const int64_t rows = std::min<int64_t>(kMT, mb1 - m);
             const float* panel = xp + (m / kMT) * K * kMT + k0 * kMT;
@@ -247,46 +258,42 @@ void gemm_outer(const float* x, int64_t M, const Layout<W>& w, float* out, int64
 
 }  // namespace gemm_detail
 
-constexpr int64_t kOuterMinRows = 32;  // measured on panels: inner products win up to M = 24, outer products from 32
+constexpr int64_t kOuterMinRows = 32;  // float32 weights: inner products below 32 rows, outer products from 32
 
-// x [M, K] float32, w [N, K] (float32 dense rows, or bfloat16 panels) -> out [M, N] float32 (row stride ldo).
-// Parallel over N (call it outside any parallel region).
-template <typename W>
-void gemm(const float* x, int64_t M, int64_t K, const W* w, int64_t N, float* out, int64_t ldo) {
-  const gemm_detail::Layout<W> layout{w, N, K};
-  // Tile shapes (bench/gemm_ab.py, Zen 3): whole panels, 2x4 at M <= 2 and 3x4 from M = 3 (12 accumulators, 3 x
-  // vectors and the weight vector: the 16 AVX2 registers). Against the dense layout's 1x4/4x3 tiles: M = 1
-  // streams 1.2-1.4x faster, M = 8 about the same, M = 4 0.85-0.95x; 4x2 half panels were slower at M = 8.
-  if (M >= kOuterMinRows)
-    gemm_detail::gemm_outer(x, M, layout, out, ldo);
-  else if (M <= 2)
-    gemm_detail::gemm_inner<2>(x, M, layout, out, ldo);
-  else
-    gemm_detail::gemm_inner<3>(x, M, layout, out, ldo);
+// x [M, K] float32 (rows K apart), w [N, K] -> out [M, N] float32 (row stride ldo). Parallel over N (call it
+// outside any parallel region). bfloat16 weights in the panel layout:
+inline void gemm(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, float* out, int64_t ldo) {
+  gemm_detail::gemm_panels(x, M, K, w, N, out, ldo);
 }
 
-// Dense bfloat16 [N, K] <-> panels (bit copies), a row's whole chunks and then its tail at a time.
+// float32 weights, dense rows:
+inline void gemm(const float* x, int64_t M, int64_t K, const float* w, int64_t N, float* out, int64_t ldo) {
+  if (M >= kOuterMinRows)
+    gemm_detail::gemm_outer(x, M, K, w, N, out, ldo);
+  else if (M <= 2)
+    gemm_detail::gemm_inner<2>(x, M, K, w, N, out, ldo);
+  else
+    gemm_detail::gemm_inner<3>(x, M, K, w, N, out, ldo);
+}
+
+// Dense bfloat16 [N, K] <-> panels (bit copies), a panel at a time.
 template <bool kToPanels>
 void copy_panels(const uint16_t* src, int64_t N, int64_t K, uint16_t* dst) {
-  const gemm_detail::Layout<uint16_t> layout{kToPanels ? dst : src, N, K};
-  const int64_t kf = layout.full();
-  at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      const int64_t p = n / gemm_detail::kPanel;
-      const int rows = layout.rows(p), j = static_cast<int>(n % gemm_detail::kPanel);
-      const int64_t panel = layout.chunk0(p, rows, j) - layout.w, tail = layout.tail(p, rows, j) - layout.w;
-      const int64_t step = layout.step(rows);
-      for (int64_t k = 0; k < kf; k += kLanes) {
-        const int64_t at = panel + k / kLanes * step;
-        if constexpr (kToPanels)
-          std::copy_n(src + n * K + k, kLanes, dst + at);
-        else
-          std::copy_n(src + at, kLanes, dst + n * K + k);
-      }
-      if constexpr (kToPanels)
-        std::copy_n(src + n * K + kf, K - kf, dst + tail);
-      else
-        std::copy_n(src + tail, K - kf, dst + n * K + kf);
+  constexpr int kNR = gemm_detail::kNR;
+  at::parallel_for(0, (N + kNR - 1) / kNR, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t n0 = p * kNR;
+      const int64_t nr = std::min<int64_t>(kNR, N - n0);
+      const int64_t base = n0 * K;  // the panel's first element: its [nr, K] rows dense, [K, nr] packed
+      // A transpose in blocks of 64 features: a block's nr x 64 values stay in L1 on both sides.
+      for (int64_t k0 = 0; k0 < K; k0 += 64)
+        for (int64_t j = 0; j < nr; ++j)
+          for (int64_t k = k0; k < std::min(K, k0 + 64); ++k) {
+            if constexpr (kToPanels)
+              dst[base + k * nr + j] = src[base + j * K + k];
+            else
+              dst[base + j * K + k] = src[base + k * nr + j];
+          }
     }
   });
 }

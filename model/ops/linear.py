@@ -7,8 +7,9 @@ blocked layout, so small-batch GEMMs stream the weight instead of re-laying it o
 `CppBF16Linear` (CPU, bfloat16, model/csrc/linear_bf16.cpp) is for CPUs where oneDNN has no bfloat16 GEMM
 (AVX2 only, e.g. AMD Zen 3): there torch's bfloat16 F.linear takes a reference path, 20-100x slower than
 float32 MKL (3072x768 at 8 rows: 9.9 ms against 1.2 ms float32 and 0.44 ms for this kernel, best of 40 on
-a loaded 2-core Zen 3); the kernel keeps the weight in bfloat16, reordered once into panels of 4 rows that a
-decode GEMV streams sequentially (model/csrc/gemm.h), and widens it in registers.
+a loaded 2-core Zen 3); the kernel keeps the weight in bfloat16, reordered once into panels of 2 vectors of
+output features stored feature-major, which each thread streams sequentially (model/csrc/gemm.h), and widens
+it in registers.
 
 Each backend names its `weight_layout`, which tells the MoE experts' backends whether they can run on the
 prepared expert weights (model/ops/moe_experts.py).

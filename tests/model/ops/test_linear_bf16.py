@@ -16,12 +16,11 @@ from tests.model.test_backend import _run, _tiny
 pytestmark = pytest.mark.skipif(not cpu_extension.load(), reason="CPU extension unavailable on this machine")
 
 
-# Inner products below 32 rows (tiles of 4 weight rows: one panel), outer products from 32 (panels of 2 vectors
-# of rows: 16 at 8 lanes, 32 at 16; blocks of 128): full, one-vector and ragged panels at both widths.
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 15, 16, 17, 31, 32, 33, 48, 64, 67, 130])
-# Weight panels of 4 rows (37, 5, 13: a short last panel); 19: scalar tails only; 40: a tail past 8 and 16
-# lanes; 1100: two feature blocks of the outer kernel (and a tail of 4).
-@pytest.mark.parametrize(("out_features", "in_features"), [(48, 64), (37, 40), (5, 19), (13, 1100)])
+# Register tiles of up to 6 rows (1-5: a short last tile), passes of 120 rows over the weight (121, 130).
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 6, 7, 12, 13, 18, 31, 64, 121, 130])
+# Panels of 2 vectors of outputs, 16 at 8 lanes and 32 at 16: whole ones (64), whole ones and a narrow last one
+# (48 at 16 lanes, 37, 17), only a narrow one (5, 13); any number of input features (no feature tails).
+@pytest.mark.parametrize(("out_features", "in_features"), [(64, 8), (48, 64), (37, 40), (17, 3), (5, 19), (13, 1100)])
 @pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32])
 def test_matches_float32_linear(rows: int, out_features: int, in_features: int, x_dtype: torch.dtype) -> None:
     g = torch.Generator().manual_seed(rows * 1000 + out_features)
@@ -50,8 +49,8 @@ def test_leading_dimensions_and_empty_input() -> None:
     assert backend.linear(x[:0, 0], packed).shape == (0, 24)
 
 
-@pytest.mark.parametrize("out_features", [1, 3, 4, 5, 8, 9])  # whole panels of 4 rows and a short last one
-@pytest.mark.parametrize("in_features", [1, 7, 8, 16, 17, 32, 33, 40])  # around 8 and 16 lanes
+@pytest.mark.parametrize("out_features", [1, 5, 15, 16, 17, 32, 33, 40])  # around panels of 16 and 32 outputs
+@pytest.mark.parametrize("in_features", [1, 7, 16, 33])
 def test_panels_are_a_permutation_that_unpacks_exactly(out_features: int, in_features: int) -> None:
     w = torch.arange(out_features * in_features, dtype=torch.float32).view(out_features, in_features).bfloat16()
     backend = CppBF16Linear()
@@ -59,8 +58,11 @@ def test_panels_are_a_permutation_that_unpacks_exactly(out_features: int, in_fea
     assert packed.shape == w.shape and packed.dtype == torch.bfloat16
     assert torch.equal(packed.flatten().sort().values, w.flatten().sort().values)  # every element once
     assert torch.equal(backend.unpack(packed), w)
-    if out_features >= 4 and in_features >= 32:
-        assert not torch.equal(packed, w)  # a whole panel of two or more chunks (of 8 or 16 lanes) interleaves
+    # Feature-major inside a panel: the first panel's first values are output 0..n of feature 0.
+    lanes = cpu_extension.vector_lanes()
+    assert lanes is not None
+    first = min(out_features, 2 * lanes)
+    assert torch.equal(packed.flatten()[:first], w[:first, 0])
 
 
 def test_selected_where_onednn_has_no_bf16() -> None:
