@@ -6,6 +6,7 @@
 // The GEMMs are gemm.h's (float32 accumulation; bfloat16 weights in its panel layout, float32 ones dense).
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -16,14 +17,24 @@
 namespace customllm {
 namespace {
 
-// act[t][i] = silu(h[t][i]) * h[t][I + i] for h [n, 2I] -> act [n, I] (float32, in one pass).
+// act[t][i] = silu(h[t][i]) * h[t][I + i] for h [n, 2I] -> act [n, I] (float32), rows split over the threads.
+// sigmoid(g) from e = exp(-|g|) <= 1, which cannot overflow: 1 / (1 + e) for g >= 0, e / (1 + e) below.
 void silu_mul(const float* h, int64_t n, int64_t I, float* act) {
-  for (int64_t t = 0; t < n; ++t) {
-    const float* g = h + t * 2 * I;
-    const float* u = g + I;
-    float* a = act + t * I;
-    for (int64_t i = 0; i < I; ++i) a[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
-  }
+  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    const int64_t iv = I / kLanes * kLanes;
+    for (int64_t t = begin; t < end; ++t) {
+      const float* g = h + t * 2 * I;
+      const float* u = g + I;
+      float* a = act + t * I;
+      for (int64_t i = 0; i < iv; i += kLanes) {
+        const vfloat gv = load(g + i);
+        const vfloat e = exp_nonpositive(gv < 0 ? gv : -gv);
+        const vfloat r = 1.f / (1.f + e);
+        store(a + i, gv * (gv < 0 ? e * r : r) * load(u + i));
+      }
+      for (int64_t i = iv; i < I; ++i) a[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+    }
+  });
 }
 
 template <typename W>
@@ -40,21 +51,26 @@ void run_experts(const float* x, int64_t T, int64_t D, const int64_t* ids, const
   for (int64_t e = 0; e < E; ++e) {
     const int64_t n = static_cast<int64_t>(pairs[e].size());
     if (n == 0) continue;
+    const int64_t* rows = pairs[e].data();
     xs.resize(n * D);
     h.resize(n * 2 * I);
     act.resize(n * I);
     y.resize(n * D);
-    for (int64_t r = 0; r < n; ++r) std::copy_n(x + pairs[e][r] / K * D, D, xs.data() + r * D);
+    at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) std::copy_n(x + rows[r] / K * D, D, xs.data() + r * D);
+    });
     gemm(xs.data(), n, D, gate_up[e], 2 * I, h.data(), 2 * I);
     silu_mul(h.data(), n, I, act.data());
     gemm(act.data(), n, I, down[e], D, y.data(), D);
-    for (int64_t r = 0; r < n; ++r) {
-      const int64_t p = pairs[e][r];
-      const float w = weights[p];
-      float* o = out + p / K * D;
-      const float* yr = y.data() + r * D;
-      for (int64_t d = 0; d < D; ++d) o[d] += w * yr[d];
-    }
+    // Each thread adds its share of the features of every row (a token's rows never race).
+    at::parallel_for(0, D, kLanes, [&](int64_t d0, int64_t d1) {
+      for (int64_t r = 0; r < n; ++r) {
+        const float w = weights[rows[r]];
+        float* o = out + rows[r] / K * D;
+        const float* yr = y.data() + r * D;
+        for (int64_t d = d0; d < d1; ++d) o[d] += w * yr[d];
+      }
+    });
   }
 }
 
