@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.ops.linear import PlainLinear
+from model.ops.rms_norm import TorchRMSNorm, select_rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -21,10 +22,17 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
 
+    _norm: TorchRMSNorm = TorchRMSNorm()  # how it runs (model/ops/rms_norm.py), chosen by prepare()
+
+    def prepare(self, backend: PlainLinear) -> None:
+        self._norm = select_rms_norm(self.weight.device, self.weight.dtype)
+
+    def unprepare(self) -> None:
+        self._norm = TorchRMSNorm()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalised in float32 and cast back before the weight, as the training code did; F.rms_norm does
-        # the float32 part in one kernel (bitwise equal to x.float() * rsqrt(mean(x^2) + eps), then .to()).
-        return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
+        # Normalised in float32 and cast back before the weight, as the training code did.
+        return self._norm(x, self.weight, self.eps)
 
 
 def rope_cos_sin(positions: torch.Tensor, rope_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:

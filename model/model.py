@@ -58,7 +58,7 @@ class CustomLLM(nn.Module):
         modules: list[Preparable] = [self.lm_head]
         for layer in self.decoder_layers:
             assert isinstance(layer, DecoderLayer)
-            modules += [layer.self_attn, layer.mlp.moe]
+            modules += [layer.input_norm, layer.self_attn, layer.post_attn_norm, layer.mlp.moe]
         return modules
 
     @torch.no_grad()

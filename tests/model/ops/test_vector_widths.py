@@ -22,7 +22,7 @@ from model.ops import cpu_extension
 ROOT = Path(__file__).resolve().parents[3]
 # The C++ kernels against their torch oracles, and the tiny model against its reference (cpp decode and MoE).
 ORACLE_TESTS = ["tests/model/ops/test_linear_bf16.py", "tests/model/ops/test_mla_decode.py",
-                "tests/model/ops/test_moe_experts.py", "tests/model/test_model.py"]
+                "tests/model/ops/test_moe_experts.py", "tests/model/ops/test_rms_norm.py", "tests/model/test_model.py"]
 
 # argv: level, lanes, pytest arguments. Exit 3 when another level (or none) loaded.
 _PROBE = """

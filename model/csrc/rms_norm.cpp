@@ -1,0 +1,83 @@
+// RMSNorm of bfloat16 rows with the reference's two roundings (MODEL_SPEC, model/layers.py):
+// out = bf16(weight * bf16(x * rsqrt(mean(x^2) + eps))), x widened and the mean taken in float32.
+// One pass per row: torch's F.rms_norm on a few bfloat16 rows costs 70-100 us a call on AVX2, and a decode step
+// runs 60 of them.
+//
+// Shapes: R rows of D features.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstring>
+
+#include "vec.h"
+
+namespace customllm {
+namespace {
+
+typedef uint32_t vbits __attribute__((vector_size(kLanes * 4)));
+
+// float32 -> the float32 value of its bfloat16 rounding (nearest even, as float_to_bf16; finite inputs).
+inline vfloat round_bf16(vfloat v) {
+  vbits u;
+  std::memcpy(&u, &v, sizeof(u));
+  u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000u;
+  std::memcpy(&v, &u, sizeof(v));
+  return v;
+}
+
+inline void store_bf16(uint16_t* p, vfloat v) {  // v already rounded: its top halves
+  vbits u;
+  std::memcpy(&u, &v, sizeof(u));
+  const vbf16 h = __builtin_convertvector(u >> 16, vbf16);
+  std::memcpy(p, &h, sizeof(h));
+}
+
+inline float round_bf16(float v) { return bf16_to_float(float_to_bf16(v)); }
+
+void norm_row(const uint16_t* x, const uint16_t* w, int64_t D, float eps, uint16_t* out) {
+  const int64_t dv = D / kLanes * kLanes;
+  vfloat acc{};
+  for (int64_t d = 0; d < dv; d += kLanes) {
+    const vfloat v = load_bf16(x + d);
+    acc += v * v;
+  }
+  float ss = hsum(acc);
+  for (int64_t d = dv; d < D; ++d) ss += bf16_to_float(x[d]) * bf16_to_float(x[d]);
+  const float r = 1.f / std::sqrt(ss / static_cast<float>(D) + eps);
+  for (int64_t d = 0; d < dv; d += kLanes)
+    store_bf16(out + d, round_bf16(load_bf16(w + d) * round_bf16(load_bf16(x + d) * r)));
+  for (int64_t d = dv; d < D; ++d)
+    out[d] = float_to_bf16(bf16_to_float(w[d]) * round_bf16(bf16_to_float(x[d]) * r));
+}
+
+// x [..., D] bfloat16, weight [D] bfloat16 -> [..., D] bfloat16.
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16, "rms_norm: bfloat16");
+  TORCH_CHECK(x.dim() >= 1 && weight.dim() == 1 && weight.size(0) == x.size(-1), "rms_norm: x ", x.sizes(),
+              " weight ", weight.sizes());
+  const auto xc = x.contiguous();
+  const auto wc = weight.contiguous();
+  auto out = at::empty_like(xc);
+  const int64_t D = x.size(-1), R = D == 0 ? 0 : xc.numel() / D;
+  const auto* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
+  const auto* wp = reinterpret_cast<const uint16_t*>(wc.data_ptr<at::BFloat16>());
+  auto* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  // Rows per task: a few microseconds of work, so small batches stay on one thread.
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(D, 1));
+  at::parallel_for(0, R, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) norm_row(xp + r * D, wp, D, static_cast<float>(eps), op + r * D);
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(customllm, m) {
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.impl("rms_norm", c10::DispatchKey::CPU, &rms_norm);
+}
+
+}  // namespace customllm
