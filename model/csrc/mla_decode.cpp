@@ -3,8 +3,9 @@
 // Shapes: B sequences, H heads, L latent, R rope width per head, F = L + H*R cache entry width,
 // NB cache blocks of BS tokens, MB blocks per block table, K context splits.
 // One task per (sequence, split): it walks its share of the block table, reads each cached entry
-// [c_kv | k_rope] in place once for all heads, scores it, updates an online softmax and mixes the latent,
-// all in float32. Splits of one sequence are merged afterwards (log-sum-exp weighting).
+// [c_kv | k_rope] in place once for all heads, scores a block at a time, updates an online softmax and mixes the
+// latent, all in float32 (the register tiles: mla_decode_tiles.h). Splits of one sequence are merged afterwards
+// (log-sum-exp weighting).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -12,100 +13,138 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <type_traits>
 #include <vector>
 
+#include "mla_decode_tiles.h"
 #include "vec.h"
 
 namespace customllm {
 namespace {
 
+using namespace mla_tiles;
+
 constexpr float kNoScore = -1e30f;  // a finite "minus infinity": the kernels build with -ffast-math
 
-// scores[h * n + t] = scale * (q_lat[h] . c_t + q_rope[h] . k_rope_{t,h}) for the n rows of `rows` [n, F].
-void score_tile(const float* q_lat, const float* q_rope, const float* rows, int64_t n, int64_t H, int64_t L,
-                int64_t R, int64_t F, float scale, float* scores) {
-  const int64_t lv = L / kLanes * kLanes;
-  const int64_t rv = R / kLanes * kLanes;
-  for (int64_t t = 0; t < n; ++t) {
-    const float* c = rows + t * F;
-    // Three heads at a time share each load of the latent.
-    int64_t h = 0;
-    for (; h + 3 <= H; h += 3) {
-      const float* q0 = q_lat + h * L;
-      const float* q1 = q0 + L;
-      const float* q2 = q1 + L;
-      vfloat a0{}, a1{}, a2{};
-      for (int64_t k = 0; k < lv; k += kLanes) {
-        vfloat ck = load(c + k);
-        a0 += load(q0 + k) * ck;
-        a1 += load(q1 + k) * ck;
-        a2 += load(q2 + k) * ck;
+// Asks for the next block's entries a few cache lines per register tile while this block is computed: blocks
+// are scattered, so the hardware prefetcher only starts on each after its first misses, and one burst of
+// prefetches at the block's start stalls on the miss buffers as plain loads do (no gain measured).
+struct Prefetcher {
+  const char* next = nullptr;  // the next line to ask for
+  const char* end = nullptr;
+  int64_t lines_per_step = 0;
+
+  void step() {
+    for (int64_t i = 0; i < lines_per_step && next < end; ++i, next += 64) _mm_prefetch(next, _MM_HINT_T0);
+  }
+};
+
+// scores[h * n + t] = scale * (q_lat[h] . c_t + q_rope[h] . k_rope_{t,h}) for the block's n entries;
+// part: H * n vectors of scratch.
+template <typename T>
+void score_block(const float* q_lat, const float* q_rope, const BlockRows<T>& rows, int64_t H, int64_t L, int64_t R,
+                 int64_t F, float scale, vfloat* part, float* scores, Prefetcher& prefetch) {
+  const int64_t n = rows.n;
+  for (int64_t h0 = 0; h0 < H; h0 += kScoreHeads) {
+    with_count<kScoreHeads>(std::min<int64_t>(kScoreHeads, H - h0), [&](auto nh) {
+      for (int64_t t0 = 0; t0 < n; t0 += kScoreTokens) {
+        with_count<kScoreTokens>(std::min<int64_t>(kScoreTokens, n - t0), [&](auto nt) {
+          score_tile<decltype(nh)::value, decltype(nt)::value>(q_lat, q_rope, rows, h0, t0, L, R, F, part);
+          prefetch.step();
+        });
       }
-      float s0 = hsum(a0), s1 = hsum(a1), s2 = hsum(a2);
-      for (int64_t k = lv; k < L; ++k) {
-        s0 += q0[k] * c[k];
-        s1 += q1[k] * c[k];
-        s2 += q2[k] * c[k];
-      }
-      scores[h * n + t] = s0;
-      scores[(h + 1) * n + t] = s1;
-      scores[(h + 2) * n + t] = s2;
-    }
-    for (; h < H; ++h) {
-      const float* q0 = q_lat + h * L;
-      vfloat a0{};
-      for (int64_t k = 0; k < lv; k += kLanes) a0 += load(q0 + k) * load(c + k);
-      float s0 = hsum(a0);
-      for (int64_t k = lv; k < L; ++k) s0 += q0[k] * c[k];
-      scores[h * n + t] = s0;
-    }
-    // Each head's rope query meets only its own R slots of the entry.
-    for (h = 0; h < H; ++h) {
-      const float* qr = q_rope + h * R;
-      const float* kr = c + L + h * R;
-      vfloat a{};
-      for (int64_t k = 0; k < rv; k += kLanes) a += load(qr + k) * load(kr + k);
-      float s = hsum(a);
-      for (int64_t k = rv; k < R; ++k) s += qr[k] * kr[k];
-      scores[h * n + t] = (scores[h * n + t] + s) * scale;
+    });
+  }
+  reduce_lanes(part, H * n, scale, scores);
+  const int64_t lv = L / kLanes * kLanes, rv = R / kLanes * kLanes;
+  if (lv == L && rv == R) return;  // the seed shapes: no scalar tails
+  for (int64_t h = 0; h < H; ++h) {
+    for (int64_t t = 0; t < n; ++t) {
+      const float* c = rows.lat + t * rows.lat_stride;
+      const T* kr = rows.rope + t * F + h * R;
+      float s = 0.f;
+      for (int64_t k = lv; k < L; ++k) s += q_lat[h * L + k] * c[k];
+      for (int64_t k = rv; k < R; ++k) s += q_rope[h * R + k] * as_float(kr[k]);
+      scores[h * n + t] += s * scale;
     }
   }
 }
 
-// acc[h] += sum_t p[h * n + t] * c_t for the latents of `rows` [n, F]; acc [H, L].
-void mix_tile(const float* p, const float* rows, int64_t n, int64_t H, int64_t L, int64_t F, float* acc) {
-  const int64_t lv = L / kLanes * kLanes;
-  int64_t h = 0;
-  // Four heads' accumulators of one latent chunk stay in registers over the whole tile.
-  for (; h + 4 <= H; h += 4) {
-    for (int64_t k = 0; k < lv; k += kLanes) {
-      float* o = acc + h * L + k;
-      vfloat a0 = load(o), a1 = load(o + L), a2 = load(o + 2 * L), a3 = load(o + 3 * L);
-      for (int64_t t = 0; t < n; ++t) {
-        vfloat ck = load(rows + t * F + k);
-        a0 += splat(p[h * n + t]) * ck;
-        a1 += splat(p[(h + 1) * n + t]) * ck;
-        a2 += splat(p[(h + 2) * n + t]) * ck;
-        a3 += splat(p[(h + 3) * n + t]) * ck;
+// acc[h] = corr[h] * acc[h] + sum_t p[h * n + t] * c_t for the block's latents; acc [H, L].
+template <typename T>
+void mix_block(const float* p, const float* corr, const BlockRows<T>& rows, int64_t H, int64_t L, float* acc,
+               Prefetcher& prefetch) {
+  const int64_t lv = L / kLanes * kLanes, n = rows.n;
+  for (int64_t h0 = 0; h0 < H; h0 += kMixHeads) {
+    with_count<kMixHeads>(std::min<int64_t>(kMixHeads, H - h0), [&](auto nh) {
+      for (int64_t k0 = 0; k0 < lv; k0 += kMixVecs * kLanes) {
+        with_count<kMixVecs>(std::min<int64_t>(kMixVecs, (lv - k0) / kLanes), [&](auto nv) {
+          mix_tile<decltype(nh)::value, decltype(nv)::value>(p, corr, rows.lat, rows.lat_stride, n, h0, k0, L, acc);
+          prefetch.step();
+        });
       }
-      store(o, a0);
-      store(o + L, a1);
-      store(o + 2 * L, a2);
-      store(o + 3 * L, a3);
+    });
+  }
+  for (int64_t h = 0; h < H; ++h) {
+    for (int64_t k = lv; k < L; ++k) {
+      float s = acc[h * L + k] * corr[h];
+      for (int64_t t = 0; t < n; ++t) s += p[h * n + t] * rows.lat[t * rows.lat_stride + k];
+      acc[h * L + k] = s;
     }
   }
-  for (; h < H; ++h) {
-    for (int64_t k = 0; k < lv; k += kLanes) {
-      vfloat a = load(acc + h * L + k);
-      for (int64_t t = 0; t < n; ++t) a += splat(p[h * n + t]) * load(rows + t * F + k);
-      store(acc + h * L + k, a);
-    }
-  }
-  for (h = 0; h < H; ++h)
-    for (int64_t k = lv; k < L; ++k)
-      for (int64_t t = 0; t < n; ++t) acc[h * L + k] += p[h * n + t] * rows[t * F + k];
 }
+
+// One block's step of the online softmax over its scores [H, n], in place: s[h, t] = exp(s[h, t] - m'[h]) with
+// m'[h] = max(m[h], s[h, :]); the running max m and sum l move on, and corr[h] = exp(m[h] - m'[h]) is the factor
+// that rescales what was summed and mixed before.
+void softmax_block(float* scores, int64_t n, int64_t H, float* m, float* l, float* corr) {
+  for (int64_t h = 0; h < H; ++h) {
+    const float* s = scores + h * n;
+    vfloat vmax = splat(m[h]);
+    int64_t t = 0;
+    for (; t + kLanes <= n; t += kLanes) {
+      const vfloat x = load(s + t);
+      vmax = x > vmax ? x : vmax;
+    }
+    float mx = max_of_lanes(vmax);
+    for (; t < n; ++t) mx = std::max(mx, s[t]);
+    corr[h] = m[h] - mx;  // the exponent for now
+    m[h] = mx;
+  }
+  int64_t h = 0;
+  for (; h + kLanes <= H; h += kLanes) store(corr + h, exp_nonpositive(load(corr + h)));
+  for (; h < H; ++h) corr[h] = std::exp(corr[h]);
+  for (h = 0; h < H; ++h) {
+    float* s = scores + h * n;
+    const vfloat mx = splat(m[h]);
+    vfloat vsum{};
+    int64_t t = 0;
+    for (; t + kLanes <= n; t += kLanes) {
+      const vfloat e = exp_nonpositive(load(s + t) - mx);
+      store(s + t, e);
+      vsum += e;
+    }
+    float sum = sum_of_lanes(vsum);
+    for (; t < n; ++t) {
+      s[t] = std::exp(s[t] - m[h]);
+      sum += s[t];
+    }
+    l[h] = l[h] * corr[h] + sum;
+  }
+}
+
+// Cache-line aligned scratch, not value-initialised: whole-vector loads from a 16-byte aligned buffer split
+// every other 64-byte line.
+struct Scratch {
+  explicit Scratch(int64_t floats) : data(static_cast<float*>(std::aligned_alloc(64, (floats * 4 + 63) / 64 * 64))) {
+    TORCH_CHECK(data != nullptr, "mla_decode: out of memory for ", floats, " floats of scratch");
+  }
+  ~Scratch() { std::free(data); }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  float* data;
+};
 
 struct Partial {
   float* acc;  // [H, L] unnormalised mix
@@ -116,49 +155,42 @@ struct Partial {
 template <typename T>
 void attend_range(const float* q_lat, const float* q_rope, const T* cache, const int64_t* table, int64_t first,
                   int64_t last, int64_t BS, int64_t H, int64_t L, int64_t R, float scale, Partial out) {
+  constexpr bool kWiden = !std::is_same_v<T, float>;
   const int64_t F = L + H * R;
-  std::vector<float> rows_buf(std::is_same_v<T, float> ? 0 : BS * F);
-  std::vector<float> scores(H * BS);
+  // Widened latents [BS, L] (bfloat16 caches), the H * BS partial-dot vectors, the scores and rescaling factors.
+  const int64_t lat_floats = kWiden ? (BS * L + 15) / 16 * 16 : 0;  // whole cache lines
+  Scratch buf(lat_floats + H * BS * kLanes + H * BS + H);
+  vfloat* part = reinterpret_cast<vfloat*>(buf.data + lat_floats);
+  float* scores = buf.data + lat_floats + H * BS * kLanes;
+  float* corr = scores + H * BS;
+  // Register tiles per whole block (score and mix): the prefetch of the next block is spread over them.
+  const int64_t tiles = (H + kScoreHeads - 1) / kScoreHeads * ((BS + kScoreTokens - 1) / kScoreTokens) +
+                        (H + kMixHeads - 1) / kMixHeads * std::max<int64_t>(1, (L / kLanes + kMixVecs - 1) / kMixVecs);
   std::fill(out.acc, out.acc + H * L, 0.f);
   std::fill(out.m, out.m + H, kNoScore);
   std::fill(out.l, out.l + H, 0.f);
   for (int64_t pos = first; pos < last;) {
-    const int64_t block = table[pos / BS];
     const int64_t offset = pos % BS;
     const int64_t n = std::min(BS - offset, last - pos);
-    const T* src = cache + (block * BS + offset) * F;
-    const float* rows;
-    if constexpr (std::is_same_v<T, float>) {
-      rows = src;
+    const T* src = cache + (table[pos / BS] * BS + offset) * F;
+    Prefetcher prefetch;
+    if (pos + n < last) {
+      const int64_t bytes = std::min(BS, last - pos - n) * F * int64_t(sizeof(T));
+      prefetch.next = reinterpret_cast<const char*>(cache + table[(pos + n) / BS] * BS * F);
+      prefetch.end = prefetch.next + bytes;
+      prefetch.lines_per_step = (bytes / 64 + tiles) / tiles;
+    }
+    BlockRows<T> rows{nullptr, F, src + L, n};
+    if constexpr (kWiden) {
+      for (int64_t t = 0; t < n; ++t) widen_bf16(src + t * F, buf.data + t * L, L);
+      rows.lat = buf.data;
+      rows.lat_stride = L;
     } else {
-      widen_bf16(reinterpret_cast<const uint16_t*>(src), rows_buf.data(), n * F);
-      rows = rows_buf.data();
+      rows.lat = src;
     }
-    score_tile(q_lat, q_rope, rows, n, H, L, R, F, scale, scores.data());
-    for (int64_t h = 0; h < H; ++h) {
-      float* s = scores.data() + h * n;
-      float mx = out.m[h];
-      for (int64_t t = 0; t < n; ++t) mx = std::max(mx, s[t]);
-      const float correction = std::exp(out.m[h] - mx);
-      out.m[h] = mx;
-      float sum = 0.f;
-      int64_t t = 0;
-      for (; t + kLanes <= n; t += kLanes) {
-        vfloat e = exp_nonpositive(load(s + t) - splat(mx));
-        store(s + t, e);
-        sum += hsum(e);
-      }
-      for (; t < n; ++t) {
-        s[t] = std::exp(s[t] - mx);
-        sum += s[t];
-      }
-      out.l[h] = out.l[h] * correction + sum;
-      if (correction != 1.f) {
-        float* a = out.acc + h * L;
-        for (int64_t k = 0; k < L; ++k) a[k] *= correction;
-      }
-    }
-    mix_tile(scores.data(), rows, n, H, L, F, out.acc);
+    score_block(q_lat, q_rope, rows, H, L, R, F, scale, part, scores, prefetch);
+    softmax_block(scores, n, H, out.m, out.l, corr);
+    mix_block(scores, corr, rows, H, L, out.acc, prefetch);
     pos += n;
   }
 }

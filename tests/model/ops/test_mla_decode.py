@@ -36,10 +36,10 @@ def _case(context_lens: list[int], dtype: torch.dtype, seed: int = 0, heads: int
     return q_lat, q_rope, cache, meta
 
 
-def _compare(context_lens: list[int], dtype: torch.dtype, num_splits: int, **shape: int) -> None:
+def _compare(context_lens: list[int], dtype: torch.dtype, num_splits: int, scale: float = 0.3, **shape: int) -> None:
     q_lat, q_rope, cache, meta = _case(context_lens, dtype, **shape)
-    want = TorchMLADecode().mix(q_lat.float(), q_rope.float(), cache.float(), meta, 0.3)
-    got = CppMLADecode(num_splits).mix(q_lat, q_rope, cache, meta, 0.3)
+    want = TorchMLADecode().mix(q_lat.float(), q_rope.float(), cache.float(), meta, scale)
+    got = CppMLADecode(num_splits).mix(q_lat, q_rope, cache, meta, scale)
     assert got.dtype == dtype and got.shape == want.shape
     torch.testing.assert_close(got.float(), want, **TOL[dtype])
 
@@ -66,8 +66,21 @@ def test_block_boundaries(dtype: torch.dtype, k: int) -> None:
 def test_vector_widths_ragged(dtype: torch.dtype, num_splits: int, block: int) -> None:
     # Blocks of 16 (the server's default) and 32 tokens: the softmax's vector exp runs over whole 8- or 16-lane
     # chunks of a block's scores and a scalar tail (tiles of 1..32 tokens). Latent 40 and rope 24 are vectors and
-    # a tail of 8 at 16 lanes; 5 heads: a group of 4 (mix) or 3 (score) and the rest one by one.
+    # a tail of 8 at 16 lanes; 5 heads: a group of 4 (mix) or 3 (score) and a remainder tile.
     _compare([1, 15, 16, 17, 31, 33, 50], dtype, num_splits, heads=5, latent=40, rope=24, block=block)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("heads", "latent", "rope"), [(1, 8, 8), (2, 16, 4), (7, 72, 12), (13, 200, 36)])
+def test_tile_remainders(dtype: torch.dtype, heads: int, latent: int, rope: int) -> None:
+    # The register tiles (scores 3 heads x 4 tokens, mix 4 heads x 3 latent vectors; mla_decode_tiles.h) and their
+    # remainders: head counts that are not multiples of 3 or 4, blocks cut at every token count mod 4, latents of
+    # 1..9 vectors plus scalar tails at 8 or 16 lanes, rope widths below one vector (all scalar) or with a tail,
+    # and score counts (heads x tokens) that are not whole vectors for the lane sums.
+    # The usual 1/sqrt(width) scale: a fixed 0.3 over 236 products of random values makes the softmax so sharp
+    # that float32 summation order alone moves its small weights past the tolerance.
+    _compare([1, 2, 3, 4, 5, 16, 17, 35, 64], dtype, num_splits=0, scale=(latent + rope) ** -0.5, heads=heads,
+             latent=latent, rope=rope, block=16)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
