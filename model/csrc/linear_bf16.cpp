@@ -3,7 +3,11 @@
 // panel layout once at load (pack_panels; unpack_panels gives the dense weight back, bit for bit).
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
 
 #include "gemm.h"
 
@@ -30,19 +34,58 @@ at::Tensor unpack_panels_op(const at::Tensor& packed) {
   return dense;
 }
 
-// x [M, K] (bfloat16 or float32), weight [N, K] bfloat16 panels (pack_panels), bias [N] or none -> [M, N] in
-// x's dtype.
+// Rows per task of the elementwise passes below: a few microseconds of work, so decode sizes stay on one thread.
+int64_t rows_per_task(int64_t width) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(width, 1)); }
+
+// x [M, K] (bfloat16 or float32; rows may be strided), weight [N, K] bfloat16 panels (pack_panels), bias [N] or
+// none -> [M, N] in x's dtype: float32 sums, the bias added in float32, one rounding. A bfloat16 x is widened
+// and the output rounded here, not by aten conversions: at decode sizes their dispatch (~10 us each, four per
+// call) costs more than the work.
 at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1), "linear_bf16: x ", x.sizes(),
               " weight ", weight.sizes());
   TORCH_CHECK(weight.scalar_type() == at::kBFloat16 && weight.is_contiguous(), "linear_bf16: bfloat16 panels");
+  TORCH_CHECK(!bias.has_value() || (bias->dim() == 1 && bias->size(0) == weight.size(0)), "linear_bf16: bias ",
+              bias.has_value() ? bias->sizes() : at::IntArrayRef{}, " for ", weight.size(0), " outputs");
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
-  auto x32 = x.to(at::kFloat).contiguous();
-  auto out = at::empty({M, N}, x32.options());
-  if (M > 0 && N > 0)
-    gemm(x32.data_ptr<float>(), M, K, bits(weight), N, out.data_ptr<float>(), N);
-  if (bias.has_value()) out.add_(bias->to(at::kFloat));
-  return out.to(x.scalar_type());
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  std::vector<float> widened;
+  at::Tensor x32;
+  const float* xp;
+  if (bf16 && x.stride(1) == 1) {
+    widened.resize(M * K);
+    const uint16_t* src = bits(x);
+    at::parallel_for(0, M, rows_per_task(K), [&](int64_t begin, int64_t end) {
+      for (int64_t m = begin; m < end; ++m) widen_bf16(src + m * x.stride(0), widened.data() + m * K, K);
+    });
+    xp = widened.data();
+  } else {
+    x32 = x.to(at::kFloat).contiguous();
+    xp = x32.data_ptr<float>();
+  }
+  const auto b32 = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  const float* bp = b32.defined() ? b32.data_ptr<float>() : nullptr;
+  if (!bf16) {
+    auto out = at::empty({M, N}, x.options().dtype(at::kFloat));
+    if (M > 0 && N > 0) gemm(xp, M, K, bits(weight), N, out.data_ptr<float>(), N);
+    if (bp != nullptr) out.add_(b32);
+    return out.to(x.scalar_type());
+  }
+  std::vector<float> acc(M * N);
+  if (M > 0 && N > 0) gemm(xp, M, K, bits(weight), N, acc.data(), N);
+  auto out = at::empty({M, N}, x.options());
+  uint16_t* op = bits_mut(out);
+  const int64_t nv = N / kLanes * kLanes;
+  at::parallel_for(0, M, rows_per_task(N), [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      const float* a = acc.data() + m * N;
+      uint16_t* o = op + m * N;
+      for (int64_t n = 0; n < nv; n += kLanes)
+        store_bf16(o + n, round_bf16(bp == nullptr ? load(a + n) : load(a + n) + load(bp + n)));
+      for (int64_t n = nv; n < N; ++n) o[n] = float_to_bf16(bp == nullptr ? a[n] : a[n] + bp[n]);
+    }
+  });
+  return out;
 }
 
 }  // namespace

@@ -10,32 +10,11 @@
 #include <torch/library.h>
 
 #include <cmath>
-#include <cstring>
 
 #include "vec.h"
 
 namespace customllm {
 namespace {
-
-typedef uint32_t vbits __attribute__((vector_size(kLanes * 4)));
-
-// float32 -> the float32 value of its bfloat16 rounding (nearest even, as float_to_bf16; finite inputs).
-inline vfloat round_bf16(vfloat v) {
-  vbits u;
-  std::memcpy(&u, &v, sizeof(u));
-  u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000u;
-  std::memcpy(&v, &u, sizeof(v));
-  return v;
-}
-
-inline void store_bf16(uint16_t* p, vfloat v) {  // v already rounded: its top halves
-  vbits u;
-  std::memcpy(&u, &v, sizeof(u));
-  const vbf16 h = __builtin_convertvector(u >> 16, vbf16);
-  std::memcpy(p, &h, sizeof(h));
-}
-
-inline float round_bf16(float v) { return bf16_to_float(float_to_bf16(v)); }
 
 void norm_row(const uint16_t* x, const uint16_t* w, int64_t D, float eps, uint16_t* out) {
   const int64_t dv = D / kLanes * kLanes;

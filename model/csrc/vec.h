@@ -60,12 +60,34 @@ inline float bf16_to_float(uint16_t x) {
   return f;
 }
 
-// Round to nearest even, as torch does (inputs here are finite).
+// Round to nearest even, as torch does; a NaN becomes the quiet NaN 0x7FC0, as in torch.
 inline uint16_t float_to_bf16(float f) {
   uint32_t u;
   std::memcpy(&u, &f, 4);
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0;
   u += 0x7FFF + ((u >> 16) & 1);
   return static_cast<uint16_t>(u >> 16);
+}
+
+// float32 -> the float32 value of its bfloat16 rounding: nearest even and NaN as float_to_bf16 (the integer
+// compare survives -ffast-math).
+inline vfloat round_bf16(vfloat v) {
+  vu32 u;
+  std::memcpy(&u, &v, sizeof(u));
+  const auto nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
+  u = nan ? vu32{} + 0x7FC00000u : (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+  std::memcpy(&v, &u, sizeof(v));
+  return v;
+}
+
+inline float round_bf16(float v) { return bf16_to_float(float_to_bf16(v)); }
+
+// Store kLanes values already rounded by round_bf16 (their top halves) as bfloat16.
+inline void store_bf16(uint16_t* p, vfloat v) {
+  vu32 u;
+  std::memcpy(&u, &v, sizeof(u));
+  const vbf16 h = __builtin_convertvector(u >> 16, vbf16);
+  std::memcpy(p, &h, sizeof(h));
 }
 
 // Convert n bfloat16 values to float32 (n a multiple of kLanes, with a scalar tail otherwise).

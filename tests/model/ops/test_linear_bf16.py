@@ -47,6 +47,18 @@ def test_leading_dimensions_and_empty_input() -> None:
     assert got.shape == (2, 3, 24)
     torch.testing.assert_close(got, F.linear(x.float(), w.float()).bfloat16(), atol=0.05, rtol=0.01)
     assert backend.linear(x[:0, 0], packed).shape == (0, 24)
+    # A column slice of a wider tensor (attention's fused projection feeds one): strided rows, read in place.
+    cols = torch.randn(5, 40).bfloat16()[:, 7:23]
+    torch.testing.assert_close(backend.linear(cols, packed), F.linear(cols.float(), w.float()).bfloat16(),
+                               atol=0.05, rtol=0.01)
+
+
+def test_nan_stays_nan() -> None:
+    backend = CppBF16Linear()
+    x = torch.ones(2, 16).bfloat16()
+    x[0, 3] = float("nan")
+    out = backend.linear(x, backend.prepare(torch.ones(20, 16).bfloat16()))
+    assert out[0].isnan().all() and not out[1].isnan().any()
 
 
 @pytest.mark.parametrize("out_features", [1, 5, 15, 16, 17, 32, 33, 40])  # around panels of 16 and 32 outputs
