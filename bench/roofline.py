@@ -105,6 +105,11 @@ def decode_cost(config: ModelConfig, batch: int, context: int, dtype: torch.dtyp
     return weight_elems * elem + kv_bytes, flops
 
 
+def step_bound(nbytes: float, flops: float, machine: Machine) -> float:
+    """Seconds a step that reads `nbytes` and computes `flops` takes at least on `machine`."""
+    return max(nbytes / machine.read_bandwidth, flops / machine.gemm_flops)
+
+
 def serving_flops_per_output_token(config: ModelConfig, prompt_len: int, output_len: int,
                                    dtype: torch.dtype) -> float:
     """FLOPs the server spends per generated token when every request prefills `prompt_len` fresh tokens and
@@ -163,18 +168,15 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     for batch in batches:
         nbytes, flops = decode_cost(config, batch, args.context, dtype)
 
-        def bound_of(machine: Machine) -> float:
-            return max(nbytes / machine.read_bandwidth, flops / machine.gemm_flops)  # noqa: B023
-
         machine = Machine(gemm_flops=peak[args.dtype], read_bandwidth=bandwidth)
         row: dict[str, object] = {"batch": batch}
         measured = None
         shares: list[float] = []
         if rounds:
-            shares = [bound_of(m) / steps[batch] for m, steps in rounds]
+            shares = [step_bound(nbytes, flops, m) / steps[batch] for m, steps in rounds]
             machine, steps = rounds[sorted(range(len(rounds)), key=shares.__getitem__)[len(rounds) // 2]]
             measured = steps[batch]
-        bound = bound_of(machine)
+        bound = step_bound(nbytes, flops, machine)
         line = (f"{batch:5d} {nbytes / 1e6:9.0f} {flops / 1e9:7.1f} {nbytes / machine.read_bandwidth * 1e3:7.1f}ms "
                 f"{flops / machine.gemm_flops * 1e3:8.1f}ms {bound * 1e3:6.1f}ms {batch / bound:11.0f}")
         row.update(bound_ms=bound * 1e3, bound_tok_per_s=batch / bound)

@@ -6,9 +6,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <vector>
 
+#include "float_rows.h"
 #include "gemm.h"
 
 namespace customllm {
@@ -34,9 +34,6 @@ at::Tensor unpack_panels_op(const at::Tensor& packed) {
   return dense;
 }
 
-// Rows per task of the elementwise passes below: a few microseconds of work, so decode sizes stay on one thread.
-int64_t rows_per_task(int64_t width) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(width, 1)); }
-
 // x [M, K] (bfloat16 or float32; rows may be strided), weight [N, K] bfloat16 panels (pack_panels), bias [N] or
 // none -> [M, N] in x's dtype: float32 sums, the bias added in float32, one rounding. A bfloat16 x is widened
 // and the output rounded here, not by aten conversions: at decode sizes their dispatch (~10 us each, four per
@@ -51,18 +48,7 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& weight, const std:
   const bool bf16 = x.scalar_type() == at::kBFloat16;
   std::vector<float> widened;
   at::Tensor x32;
-  const float* xp;
-  if (bf16 && x.stride(1) == 1) {
-    widened.resize(M * K);
-    const uint16_t* src = bits(x);
-    at::parallel_for(0, M, rows_per_task(K), [&](int64_t begin, int64_t end) {
-      for (int64_t m = begin; m < end; ++m) widen_bf16(src + m * x.stride(0), widened.data() + m * K, K);
-    });
-    xp = widened.data();
-  } else {
-    x32 = x.to(at::kFloat).contiguous();
-    xp = x32.data_ptr<float>();
-  }
+  const float* xp = float_rows(x, widened, x32);
   const auto b32 = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
   const float* bp = b32.defined() ? b32.data_ptr<float>() : nullptr;
   if (!bf16) {

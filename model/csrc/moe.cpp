@@ -12,6 +12,7 @@
 #include <cmath>
 #include <vector>
 
+#include "float_rows.h"
 #include "gemm.h"
 
 namespace customllm {
@@ -104,18 +105,9 @@ void moe_experts(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& w
   TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.dim() == 2 && out.size(0) == T &&
                   out.size(1) == D,
               "moe_experts: out must be a contiguous float32 [T, D]");
-  // float32 rows of x: bfloat16 widened here (an aten conversion's dispatch costs more than the work at decode).
   std::vector<float> widened;
   at::Tensor x32;
-  const float* xp;
-  if (x.scalar_type() == at::kBFloat16 && x.is_contiguous()) {
-    widened.resize(T * D);
-    widen_bf16(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), widened.data(), T * D);
-    xp = widened.data();
-  } else {
-    x32 = x.to(at::kFloat).contiguous();
-    xp = x32.data_ptr<float>();
-  }
+  const float* xp = float_rows(x, widened, x32);
   auto id = ids.contiguous();
   auto w = weights.contiguous();
   if (dtype == at::kFloat)

@@ -11,7 +11,7 @@
 
 #include <cmath>
 
-#include "vec.h"
+#include "float_rows.h"
 
 namespace customllm {
 namespace {
@@ -44,9 +44,7 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   const auto* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
   const auto* wp = reinterpret_cast<const uint16_t*>(wc.data_ptr<at::BFloat16>());
   auto* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
-  // Rows per task: a few microseconds of work, so small batches stay on one thread.
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(D, 1));
-  at::parallel_for(0, R, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, R, rows_per_task(D), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) norm_row(xp + r * D, wp, D, static_cast<float>(eps), op + r * D);
   });
   return out;
