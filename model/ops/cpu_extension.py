@@ -125,14 +125,12 @@ def build(isa: str) -> Path:
         args: dict[str, Any] = dict(name=_NAME, sources=[str(s) for s in _sources()],
                                     build_directory=str(directory), extra_cflags=_COMMON_FLAGS + _ISA_FLAGS[isa],
                                     extra_ldflags=["-fopenmp"], verbose=False)
-        if _ISA_NEEDS[isa] <= _cpu_flags():
-            cpp_extension.load(**args, is_python_module=False)
-        else:
-            # load() would also load the library, and one built for instructions this CPU lacks dies with
-            # SIGILL in its static initialisers: compile and link only (torch's private step, torch pinned).
-            cpp_extension._write_ninja_file_and_build_library(
-                **args, extra_cuda_cflags=[], extra_sycl_cflags=[], extra_include_paths=[], with_cuda=False,
-                with_sycl=False)
+        # Compile and link only, never load: a build for instructions this CPU lacks dies with SIGILL in its
+        # static initialisers, and a second level loaded into this process aborts registering the same ops
+        # (`build --isa all` on an AVX-512 CPU). torch's private step, torch pinned; load() loads one level.
+        cpp_extension._write_ninja_file_and_build_library(
+            **args, extra_cuda_cflags=[], extra_sycl_cflags=[], extra_include_paths=[], with_cuda=False,
+            with_sycl=False)
         logger.info("built the CPU extension for %s in %.1f s: %s", isa, time.perf_counter() - start, library)
     return library
 

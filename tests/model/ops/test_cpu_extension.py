@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 
 from model.ops import cpu_extension
 
@@ -76,6 +78,30 @@ def test_cli_all_builds_the_serving_levels(monkeypatch: pytest.MonkeyPatch, caps
     assert capsys.readouterr().out.split() == ["avx512-bf16", "avx512", "avx2"]
     cpu_extension.main(["build", "--isa", "avx2-16lanes"])
     assert capsys.readouterr().out.split() == ["avx2-16lanes"]
+
+
+def test_build_all_loads_nothing_where_the_cpu_runs_every_level(monkeypatch: pytest.MonkeyPatch,
+                                                               tmp_path: Path) -> None:
+    # The image's builder stage on an AVX-512-BF16 CPU: every level is runnable, and loading a second level's ops
+    # into one process aborts it (a duplicate registration). Building must compile and link, never load.
+    from torch.utils import cpp_extension as torch_cpp_extension
+
+    monkeypatch.setenv("CUSTOMLLM_EXTENSION_DIR", str(tmp_path))
+    monkeypatch.setattr(cpu_extension, "_cpu_flags", lambda: set().union(*cpu_extension._ISA_NEEDS.values()))
+    loads: list[str] = []
+
+    def compile_only(*, name: str, build_directory: str, **_: object) -> None:
+        (Path(build_directory) / f"{name}.so").write_bytes(b"")
+
+    def no_load(what: str) -> Callable[..., None]:
+        return lambda *args, **kwargs: loads.append(what)
+
+    monkeypatch.setattr(torch_cpp_extension, "_write_ninja_file_and_build_library", compile_only)
+    monkeypatch.setattr(torch_cpp_extension, "load", no_load("cpp_extension.load"))
+    monkeypatch.setattr(torch.ops, "load_library", no_load("torch.ops.load_library"))
+    cpu_extension.main(["build", "--isa", ",".join(cpu_extension._ISA_FLAGS)])
+    assert loads == []
+    assert all((cpu_extension.build_dir(isa) / "customllm_cpu.so").exists() for isa in cpu_extension._ISA_FLAGS)
 
 
 def test_the_loaded_build_reports_its_vector_width() -> None:
