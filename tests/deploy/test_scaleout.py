@@ -140,6 +140,34 @@ def test_requests_sharing_a_long_prefix_land_on_the_replica_that_holds_it(cluste
         assert len(set(holders)) == 1, f"group {group} spread over {holders}"
 
 
+def test_sequential_sessions_spread_and_stick_with_sticky_least_loaded(cluster: Cluster) -> None:
+    # cache_aware sends a prefix miss to the least-loaded replica, the first one on a tie, so one-at-a-time traffic
+    # all lands on one replica (for vLLM's replicas too: docs/deployment.md). A session key spreads it instead.
+    needs(VLLM_ROUTER, "vllm-router")
+    wait_until(lambda: all(r.alive() and healthy(r.url) for r in cluster.replicas), 120, "three healthy replicas")
+    num_sessions = 6
+    with vllm_router(cluster, ("--policy", "sticky_least_loaded")) as front:
+        holders: dict[int, list[str]] = {}
+        for turn in range(2):
+            for session in range(num_sessions):
+                served, hits = cluster.served(), {r.url: metric(r.url, "vllm:prefix_cache_hits_total")
+                                                  for r in cluster.replicas}
+                reply = httpx.post(front.url + "/v1/completions", timeout=60,
+                                   headers={"x-session-id": f"session-{session}"},
+                                   json={"prompt": f"{long_prefix(20 + session)} turn {turn}?", "max_tokens": 4,
+                                         "ignore_eos": True})
+                assert reply.status_code == 200, reply.text
+                (holder,) = [url for url, n in delta(served, cluster.served()).items() if n == 1]
+                holders.setdefault(session, []).append(holder)
+                if turn:
+                    hit = delta(hits, {r.url: metric(r.url, "vllm:prefix_cache_hits_total")
+                                       for r in cluster.replicas})
+                    assert hit[holder] >= 160, hit  # the session's second turn found its prefix cached there
+    assert all(len(set(h)) == 1 for h in holders.values()), holders
+    per_replica = [sum(h[0] == r.url for h in holders.values()) for r in cluster.replicas]
+    assert per_replica == [num_sessions // len(cluster.replicas)] * len(cluster.replicas), per_replica
+
+
 def test_a_hot_prefix_burst_still_spreads(cluster: Cluster, front: Front) -> None:
     prefix, n = long_prefix(7), 12
     served = cluster.served()
