@@ -12,6 +12,7 @@ from torch import Tensor
 from server.engine.sampler_state import SamplingState
 from server.engine.sampling_params import SamplingParams
 
+_REP_MIN = 1e-20  # repetition_penalty is applied clamped to [_REP_MIN, 1 / _REP_MIN] (see apply_penalties)
 
 def to_device(values: list | Tensor, dtype: torch.dtype, device: torch.device) -> Tensor:
     t = torch.as_tensor(values, dtype=dtype)
@@ -76,7 +77,11 @@ def apply_penalties(
         in_prompt = torch.zeros_like(seen)
         p_toks = torch.cat(prompt_ids)
         in_prompt[to_device(p_rows, torch.long, dev), to_device(p_toks, torch.long, dev)] = True
-        rep = to_device([s.params.repetition_penalty for s in pen], torch.float32, dev)[:, None]
+        # Past 1e20 either way the penalty alone orders a seen token against the rest, as the exact value would;
+        # clamped, the penalised logits stay finite in float32 also after the smallest temperature (a seen
+        # token's logit over 1e-38 used to overflow to inf, and the pick among infinities was arbitrary).
+        rep = to_device([min(max(s.params.repetition_penalty, _REP_MIN), 1 / _REP_MIN) for s in pen],
+                        torch.float32, dev)[:, None]
         penalised = torch.where(sub > 0, sub / rep, sub * rep)
         sub = torch.where(seen | in_prompt, penalised, sub)
     freq = to_device([s.params.frequency_penalty for s in pen], torch.float32, dev)[:, None]

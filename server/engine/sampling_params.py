@@ -1,5 +1,6 @@
 """SamplingParams: how to pick tokens for one request, validated on construction (errors name the field)."""
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 
@@ -66,10 +67,8 @@ class SamplingParams:
         for field in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, field)
             _check(_in(value, -2, 2), field, value, "in [-2, 2]")
-        # Bounded (vLLM only asks > 0): past 100x either way the penalty alone decides every seen token, and
-        # near 1e-38 the divided logits overflow float32 (docs/limits.md, "Sampling fields").
         rp = self.repetition_penalty
-        _check(_in(rp, 0.01, 100), "repetition_penalty", rp, "in [0.01, 100]")
+        _check(_is_num(rp) and 0 < rp < math.inf, "repetition_penalty", rp, "> 0 and finite")
         object.__setattr__(self, "logit_bias", _normalise_logit_bias(self.logit_bias))  # type: ignore[arg-type]
         _check(
             self.seed is None or (_is_int(self.seed) and -(2**63) <= self.seed < 2**64),

@@ -97,7 +97,7 @@ class SamplingRequest(StrictModel):
     # vLLM extensions that benchmark and eval clients send.
     top_k: int = Field(0, ge=-1)  # -1 or 0 = disabled
     min_p: float = Field(0.0, ge=0, le=1)
-    repetition_penalty: float = Field(1.0, ge=0.01, le=100)
+    repetition_penalty: float = Field(1.0, gt=0)
     min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
     stop_token_ids: list[TokenId] | None = None

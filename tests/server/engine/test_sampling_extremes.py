@@ -88,7 +88,9 @@ EXTREMES: list[dict[str, object]] = [
     {"top_k": 2**64, "top_p": 0.9}, {"top_k": 10**30, "top_p": 1e-46}, {"top_k": VOCAB + 1, "top_p": 0.5},
     {"min_p": 5e-324}, {"min_p": 1e-46}, {"min_p": 1e-30}, {"min_p": 1.0},
     {"presence_penalty": -2.0}, {"presence_penalty": 2.0}, {"frequency_penalty": -2.0}, {"frequency_penalty": 2.0},
-    {"repetition_penalty": 0.01}, {"repetition_penalty": 100.0},
+    {"repetition_penalty": 0.01}, {"repetition_penalty": 100.0}, {"repetition_penalty": 1e-3},
+    {"repetition_penalty": 1e-37}, {"repetition_penalty": 1e-38}, {"repetition_penalty": 1e-300},
+    {"repetition_penalty": 1e300}, {"repetition_penalty": 1e-300, "temperature": 1e-5},
     {"logit_bias": {10: 100.0, 11: -100.0, 12: 100.0}}, {"logit_bias": {t: -100.0 for t in range(VOCAB - 1)}},
     # Everything extreme at once: the largest logits any accepted values make, at the smallest sampled temperature.
     {"temperature": 1e-5, "repetition_penalty": 0.01, "logit_bias": {4: 100.0, 9: 100.0}, "frequency_penalty": -2.0,
@@ -120,8 +122,8 @@ def test_a_nucleus_keeps_the_top_token_whatever_top_p(top_p: float) -> None:
 
 
 @pytest.mark.parametrize(("field", "value"), [
-    ("repetition_penalty", 0.0099), ("repetition_penalty", 1e-38), ("repetition_penalty", 5e-324),
-    ("repetition_penalty", 100.01), ("repetition_penalty", 1e300),
+    ("repetition_penalty", 0.0), ("repetition_penalty", -1e-300), ("repetition_penalty", math.inf),
+    ("repetition_penalty", math.nan),
 ])
 def test_values_past_the_range_are_refused_naming_the_field(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=field):
