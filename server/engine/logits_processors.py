@@ -12,6 +12,7 @@ from torch import Tensor
 from server.engine.sampler_state import SamplingState
 from server.engine.sampling_params import SamplingParams
 
+_REP_MIN = 1e-20  # repetition_penalty is applied clamped to [_REP_MIN, 1 / _REP_MIN] (see apply_penalties)
 
 def to_device(values: list | Tensor, dtype: torch.dtype, device: torch.device) -> Tensor:
     t = torch.as_tensor(values, dtype=dtype)
@@ -76,7 +77,11 @@ def apply_penalties(
         in_prompt = torch.zeros_like(seen)
         p_toks = torch.cat(prompt_ids)
         in_prompt[to_device(p_rows, torch.long, dev), to_device(p_toks, torch.long, dev)] = True
-        rep = to_device([s.params.repetition_penalty for s in pen], torch.float32, dev)[:, None]
+        # Past 1e20 either way the penalty alone orders a seen token against the rest, as the exact value would;
+        # clamped, the penalised logits stay finite in float32 also after the smallest temperature (a seen
+        # token's logit over 1e-38 used to overflow to inf, and the pick among infinities was arbitrary).
+        rep = to_device([min(max(s.params.repetition_penalty, _REP_MIN), 1 / _REP_MIN) for s in pen],
+                        torch.float32, dev)[:, None]
         penalised = torch.where(sub > 0, sub / rep, sub * rep)
         sub = torch.where(seen | in_prompt, penalised, sub)
     freq = to_device([s.params.frequency_penalty for s in pen], torch.float32, dev)[:, None]
@@ -104,7 +109,8 @@ def temperature_and_filters_(x: Tensor, params: list[SamplingParams]) -> Tensor:
     if any(t != 1.0 for t in temps):
         x.div_(to_device(temps, torch.float32, dev)[:, None])
 
-    ks = [p.top_k if p.top_k > 0 and not p.greedy else V for p in params]
+    # A top_k past the vocabulary keeps it all (and fits the int64 tensors below).
+    ks = [min(p.top_k, V) if p.top_k > 0 and not p.greedy else V for p in params]
     # top_p == 1 means disabled; inf keeps float rounding in the cumsum from dropping tail tokens.
     ps = [p.top_p if p.top_p < 1 and not p.greedy else math.inf for p in params]
     rows = [r for r in range(len(params)) if ks[r] < V or ps[r] < 1]
@@ -119,8 +125,9 @@ def temperature_and_filters_(x: Tensor, params: list[SamplingParams]) -> Tensor:
 
     min_ps = [0.0 if p.greedy else p.min_p for p in params]
     if any(m > 0 for m in min_ps):
-        # p_i >= min_p * p_max  <=>  logit_i - logit_max >= log(min_p); no softmax needed.
-        log_min_p = to_device(min_ps, torch.float32, dev).log()[:, None]  # log(0) = -inf keeps all
+        # p_i >= min_p * p_max  <=>  logit_i - logit_max >= log(min_p); no softmax needed. The log is taken in
+        # float64: a min_p below float32's range (1e-46) still has a finite log (-106), and 0 keeps all.
+        log_min_p = to_device([math.log(m) if m > 0 else -math.inf for m in min_ps], torch.float32, dev)[:, None]
         x.masked_fill_(x - x.amax(dim=-1, keepdim=True) < log_min_p, -math.inf)
     return x
 
@@ -138,35 +145,53 @@ def _top_k_top_p(x: Tensor, ks: list[int], ps: list[float]) -> tuple[Tensor, Ten
     V = x.shape[1]
     k_t = to_device(ks, torch.long, dev)[:, None]  # [F, 1]
     p_t = to_device(ps, torch.float32, dev)[:, None]
-    width = max(ks)
-    log_norm = None  # log of each row's softmax normaliser, when the candidates are the head of the row
-    ranked: tuple[Tensor | None, Tensor] = (None, x)
-    # NOTE: the shortcuts cost a host sync or two; only on the CPU does the full sort they avoid dominate
-    # a step (an accelerator sorts the vocabulary quickly and should not wait on the host).
-    if dev.type == "cpu" and width < V:
-        ranked = _ranked_candidates(x, width)
-    elif dev.type == "cpu" and all(p < 1 for p in ps):
-        # Top-p only: the candidates must hold top_p of the full distribution's mass.
-        log_norm = x.logsumexp(dim=-1, keepdim=True)  # [F, 1]
-        for width in _TOP_P_WIDTHS:
-            ranked = _ranked_candidates(x, width)
-            cand_x = ranked[0]
-            if cand_x is not None and bool(((cand_x - log_norm).exp().sum(dim=-1, keepdim=True) >= p_t).all()):
-                break
-            ranked = (None, x)
-    cand_x, cand_i = ranked
-    if cand_x is None:
+    # NOTE: the shortcut costs a host sync or two; only on the CPU does the full sort it avoids dominate a step
+    # (an accelerator sorts the vocabulary quickly and should not wait on the host).
+    head = _head_candidates(x, ks, ps, k_t, p_t) if dev.type == "cpu" else None
+    if head is None:
         cand_x, cand_i = x.sort(dim=-1, descending=True, stable=True)  # [F, V]
-        width, log_norm = V, None
-    rank = torch.arange(width, device=dev)
-    cand_x = cand_x.masked_fill(rank >= k_t, -math.inf)  # [F, W]
-    if log_norm is None:
-        probs = cand_x.softmax(dim=-1)  # the top-k distribution
+        cand_x = cand_x.masked_fill(torch.arange(V, device=dev) >= k_t, -math.inf)
+        probs = cand_x.softmax(dim=-1)  # the top-k distribution (all of the row without a top_k)
     else:
-        probs = (cand_x - log_norm).exp()  # no top-k: the full distribution, of which these are the head
-    # Drop a token once the mass ranked above it reaches top_p; rank 0 always survives.
-    mass_before = probs.cumsum(dim=-1) - probs
-    return cand_x.masked_fill(mass_before >= p_t, -math.inf), cand_i
+        cand_x, cand_i, probs = head
+    # Drop a token once the mass ranked above it reaches top_p. Rank 0 always survives, also when top_p
+    # rounds to 0 in float32 (below 1e-45).
+    drop = probs.cumsum(dim=-1) - probs >= p_t
+    drop[:, 0] = False
+    return cand_x.masked_fill(drop, -math.inf), cand_i
+
+
+def _head_candidates(
+    x: Tensor, ks: list[int], ps: list[float], k_t: Tensor, p_t: Tensor,
+) -> tuple[Tensor, Tensor, Tensor] | None:
+    """The leading candidates of x [F, V] when they decide every row's filters: ranked logits [F, W] masked past
+    top_k, their ids [F, W] and their probabilities under each row's top-k distribution (the whole row's
+    distribution for a row without a top_k). None when the whole vocabulary must be sorted instead."""
+    V = x.shape[1]
+    all_top_k = max(ks) < V
+    if all_top_k:
+        widths: tuple[int, ...] = (max(ks),)  # the candidates hold every row's top-k distribution
+    elif all(p < 1 for p in ps):
+        # The rows without a top_k need candidates holding top_p of their mass; the others their top_k.
+        widths = tuple(w for w in _TOP_P_WIDTHS if w >= max((k for k in ks if k < V), default=0))
+    else:
+        return None  # top_k-only rows beside top_p-only rows: no head decides both
+    if not widths:
+        return None  # a top_k wider than every step
+    full_log_norm = None if all_top_k else x.logsumexp(dim=-1, keepdim=True)  # [F, 1]
+    for width in widths:
+        cand_x, cand_i = _ranked_candidates(x, width)
+        if cand_x is None:
+            continue
+        cand_x = cand_x.masked_fill(torch.arange(width, device=x.device) >= k_t, -math.inf)
+        # Normalise each row over its top-k, or, without one, over the whole row (of which these are the head).
+        log_norm = cand_x.logsumexp(dim=-1, keepdim=True)  # [F, 1]
+        if full_log_norm is not None:
+            log_norm = torch.where(k_t < V, log_norm, full_log_norm)
+        probs = (cand_x - log_norm).exp()
+        if full_log_norm is None or bool((probs.sum(dim=-1, keepdim=True) >= p_t).all()):
+            return cand_x, cand_i, probs
+    return None
 
 
 def _ranked_candidates(x: Tensor, width: int) -> tuple[Tensor | None, Tensor]:
