@@ -38,6 +38,15 @@ def test_parse_with_a_pydantic_text_format(oai: openai.OpenAI) -> None:
         assert City.model_validate_json(resp.output_text) == resp.output_parsed
 
 
+def test_json_schema_format_keys_come_in_the_schema_order(http: httpx.Client) -> None:
+    schema = {"type": "object", "properties": {"reasoning": {"type": "string"}, "answer": {"type": "integer"}},
+              "required": ["reasoning", "answer"], "additionalProperties": False}
+    fmt = {"type": "json_schema", "name": "r", "strict": True, "schema": schema}
+    resp = http.post(R, json={"input": "Why?", "text": {"format": fmt}, "max_output_tokens": 100, "seed": 1}).json()
+    text = resp["output"][0]["content"][0]["text"]
+    assert list(json.loads(text)) == ["reasoning", "answer"], text
+
+
 def test_json_object_format(http: httpx.Client) -> None:
     resp = http.post(R, json={"input": "JSON please", "text": {"format": {"type": "json_object"}},
                               "max_output_tokens": 100, "seed": 1}).json()
