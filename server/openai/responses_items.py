@@ -64,7 +64,8 @@ class OutputItems:
 
     def text(self, text: str, logprobs: Sequence[ChatCompletionLogprob] = ()) -> list[ResponseEvent]:
         """Events for content text (opening a message item if the open item is not one). Logprobs of tokens that
-        add no text (the EOS that ends the output) wait for the next delta, or the text's done event."""
+        add no text wait for the next delta; those no text follows (the EOS that ends the output) go in no event,
+        so a text's deltas carry exactly the logprobs of its done event."""
         self._pending_logprobs += logprobs
         if not text:
             return []
@@ -126,7 +127,6 @@ class OutputItems:
         events: list[ResponseEvent] = []
         if isinstance(item, OutputMessage):
             part = item.content[0]
-            part.logprobs += self._pending_logprobs
             self._pending_logprobs = []
             events.append(TextDoneEvent(type="response.output_text.done", sequence_number=next(self._sequence),
                                         item_id=item.id, output_index=self._index, content_index=0, text=part.text,

@@ -133,9 +133,13 @@ class _ResponseRun:
         yield self._lifecycle("response.in_progress")
         logprobs_sent = 0
         async for builder, text, _ in self._outputs:
-            # builder.logprobs only fills when the request included logprobs.
-            logprobs = self._serving.token_logprobs(builder.logprobs[logprobs_sent:])
+            # builder.logprobs only fills when the request included logprobs. The token that ends the output by
+            # "stop" (an EOS) adds no text, so it has no entry in the text's logprobs (chat's keep it, as usage does).
+            entries = builder.logprobs[logprobs_sent:]
             logprobs_sent = len(builder.logprobs)
+            if builder.finish_reason == "stop" and not builder.stopped_by_string:
+                entries = entries[:-1]
+            logprobs = self._serving.token_logprobs(entries)
             for event in self.items.feed(text, builder.finish_reason is not None, logprobs):
                 yield event
         reason = self.builder.finish_reason

@@ -9,6 +9,8 @@ from typing import Any
 
 import pytest
 
+from server.openai.protocol import ChatCompletionLogprob
+from server.openai.protocol.responses_output import OutputMessage
 from server.openai.responses_items import OutputItems
 from server.openai.tool_parsers import HermesToolParser
 
@@ -110,3 +112,18 @@ def test_an_incomplete_output_marks_its_last_item() -> None:
     items.feed(f"Sure. {CALL} and", finished=True)
     items.finish("incomplete")
     assert [i.status for i in items.items] == ["completed", "completed", "incomplete"]
+
+
+def test_logprobs_of_tokens_that_add_no_text_are_in_no_event() -> None:
+    def entry(token: str) -> ChatCompletionLogprob:
+        return ChatCompletionLogprob(token=token, logprob=-1.0, bytes=list(token.encode()))
+
+    items = OutputItems(itertools.count(), None)
+    events = items.feed("Hi", finished=False, logprobs=[entry("H"), entry("i")])
+    events += items.feed("", finished=True, logprobs=[entry("<|im_end|>")])  # an EOS: counted, but no text
+    events += items.finish("completed")
+    deltas = [lp.token for e in events if e.type == "response.output_text.delta" for lp in e.logprobs]
+    [done] = [e for e in events if e.type == "response.output_text.done"]
+    assert deltas == [lp.token for lp in done.logprobs] == ["H", "i"]
+    [message] = items.items
+    assert isinstance(message, OutputMessage) and [lp.token for lp in message.content[0].logprobs] == ["H", "i"]

@@ -54,18 +54,19 @@ def test_json_object_format(http: httpx.Client) -> None:
     assert resp["text"]["format"] == {"type": "json_object"}
 
 
-def test_logprobs_of_a_completed_response_count_every_token(http: httpx.Client) -> None:
+def test_logprobs_of_a_completed_response_are_its_texts_tokens(http: httpx.Client) -> None:
     body = {"input": "JSON please", "text": {"format": {"type": "json_object"}}, "max_output_tokens": 100, "seed": 1,
             "include": ["message.output_text.logprobs"], "top_logprobs": 1}
     whole = http.post(R, json=body).json()
     assert whole["status"] == "completed"
-    logprobs = whole["output"][0]["content"][0]["logprobs"]
-    assert len(logprobs) == whole["usage"]["output_tokens"]  # the EOS that ended it too, as chat counts it
+    [part] = whole["output"][0]["content"]
+    # The EOS that ended it adds no text, so no delta carries it and neither do the done event and the output.
+    assert len(part["logprobs"]) == whole["usage"]["output_tokens"] - 1
+    assert "".join(e["token"] for e in part["logprobs"]) == part["text"]
     events = stream_events(http, **body)
     deltas = [e for name, data in events if name == "response.output_text.delta" for e in data["logprobs"]]
     done = dict(events)["response.output_text.done"]["logprobs"]
-    assert done == events[-1][1]["response"]["output"][0]["content"][0]["logprobs"] == logprobs
-    assert deltas == done[:len(deltas)] and len(done) - len(deltas) <= 1  # an EOS adds no text: no delta of its own
+    assert deltas == done == events[-1][1]["response"]["output"][0]["content"][0]["logprobs"] == part["logprobs"]
 
 
 def test_sdk_stream_final_response_equals_the_unstreamed(oai: openai.OpenAI, http: httpx.Client) -> None:
