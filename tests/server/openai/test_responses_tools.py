@@ -12,6 +12,8 @@ import openai
 import pytest
 from pydantic import BaseModel
 
+from server.openai.protocol import GrammarRequest
+from server.openai.protocol.responses import ResponsesRequest
 from tests.server.live import LiveServer
 from tests.server.openai.biased import biased_checkpoint, oai, server  # noqa: F401  (fixtures)
 from tests.server.openai.responses_helpers import R, stable, stream_events
@@ -136,6 +138,30 @@ def test_auto_without_a_call_is_a_message(http: httpx.Client) -> None:
     resp = http.post(R, json={"input": "Hi", "tools": [TIME], "max_output_tokens": 5, "seed": 1}).json()
     assert [item["type"] for item in resp["output"]] == ["message"]
     assert resp["tool_choice"] == "auto" and resp["tools"][0]["name"] == "get_time"
+
+
+TIME_CALL = '<tool_call>\n{"name": "get_time", "arguments": {"zone": "UTC"}}\n</tool_call>'
+WEATHER_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
+MALFORMED = 'Checking. <tool_call>{"name": "get_time", "arguments": {"zone": </tool_call>'
+
+
+@pytest.mark.parametrize(("text", "parallel", "want"), [
+    (f"{TIME_CALL}\n{WEATHER_CALL}", False, [("function_call", "get_time")]),
+    (f"{TIME_CALL}\n{WEATHER_CALL}", True, [("function_call", "get_time"), ("function_call", "get_weather")]),
+    (MALFORMED, True, [("message", MALFORMED)]),
+])
+def test_auto_calls_parsed_from_the_text(http: httpx.Client, monkeypatch: pytest.MonkeyPatch, text: str,
+                                         parallel: bool, want: list[tuple[str, str]]) -> None:
+    # structured_outputs is no Responses field: the request's constraint is replaced to make the model write `text`.
+    monkeypatch.setattr(ResponsesRequest, "grammar_request",
+                        lambda self: GrammarRequest("grammar", f"start: {json.dumps(text)}", "text.format"))
+    body = {"input": "Weather?", "tools": [WEATHER, TIME], "parallel_tool_calls": parallel, "max_output_tokens": 80}
+    whole = http.post(R, json=body).json()
+    got = [(i["type"], i["name"] if i["type"] == "function_call" else i["content"][0]["text"]) for i in whole["output"]]
+    assert whole["status"] == "completed" and got == want
+    events = stream_events(http, **body)
+    assert stable(events[-1][1]["response"]) == stable(whole)
+    assert sum(name == "response.output_item.added" for name, _ in events) == len(want)
 
 
 BAD_TOOLS: list[tuple[dict[str, Any], str]] = [
