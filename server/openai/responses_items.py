@@ -33,15 +33,15 @@ _AFTER_TAG_END = re.compile(r"(?<=>)")
 
 
 class OutputItems:
-    """Output items under construction; `sequence` numbers every event of the response in order. With
-    `parse_tools`, tool calls are parsed out of the text (the tools are in play)."""
+    """Output items under construction; `sequence` numbers every event of the response in order. With a `parser`,
+    tool calls are parsed out of the text (the tools are in play)."""
 
-    def __init__(self, sequence: Iterator[int], parse_tools: bool) -> None:
+    def __init__(self, sequence: Iterator[int], parser: HermesToolParser | None) -> None:
         self.items: list[OutputItem] = []
         self._sequence = sequence
         self._open: OutputItem | None = None
         self._pending_logprobs: list[ChatCompletionLogprob] = []
-        self._parser = HermesToolParser() if parse_tools else None
+        self._parser = parser
 
     def feed(self, text: str, finished: bool, logprobs: Sequence[ChatCompletionLogprob] = ()) -> list[ResponseEvent]:
         """Events for generated text (`finished`: the output ends with it; what the parser holds back comes out), and
@@ -52,11 +52,9 @@ class OutputItems:
         events: list[ResponseEvent] = []
         # One parser feed returns its content and its calls apart, so it must not hold both a call's end and the text
         # after it (the text would come first): the text is cut after every '>', which ends any closing tag.
-        for piece in _AFTER_TAG_END.split(text):
-            content, calls = self._parser.feed(piece)
-            events += self.text(content) + self.calls(calls)
-        if finished:
-            content, calls = self._parser.finish()
+        pieces = _AFTER_TAG_END.split(text)
+        for i, piece in enumerate(pieces):
+            content, calls = self._parser.feed(piece, final=finished and i == len(pieces) - 1)
             events += self.text(content) + self.calls(calls)
         return events
 
@@ -66,7 +64,8 @@ class OutputItems:
 
     def text(self, text: str, logprobs: Sequence[ChatCompletionLogprob] = ()) -> list[ResponseEvent]:
         """Events for content text (opening a message item if the open item is not one). Logprobs of tokens that
-        add no text (the EOS that ends the output) wait for the next delta, or the text's done event."""
+        add no text wait for the next delta; those no text follows (the EOS that ends the output) go in no event,
+        so a text's deltas carry exactly the logprobs of its done event."""
         self._pending_logprobs += logprobs
         if not text:
             return []
@@ -128,7 +127,6 @@ class OutputItems:
         events: list[ResponseEvent] = []
         if isinstance(item, OutputMessage):
             part = item.content[0]
-            part.logprobs += self._pending_logprobs
             self._pending_logprobs = []
             events.append(TextDoneEvent(type="response.output_text.done", sequence_number=next(self._sequence),
                                         item_id=item.id, output_index=self._index, content_index=0, text=part.text,

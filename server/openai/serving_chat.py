@@ -95,7 +95,8 @@ class OpenAIServingChat(OpenAIServing):
         if tools:
             named = req.tool_choice.function.name if isinstance(req.tool_choice, NamedToolChoice) else None
             tool_grammar = await self._compile(lambda: tool_calls_grammar(tools or [], named, req.parallel_tool_calls))
-        grammar = tool_grammar if choice in ("required", "named") else await self._compile(req.grammar_request)
+        forced = choice in ("required", "named")
+        grammar = tool_grammar if forced else await self._compile(req.grammar_request)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         model = self.limits.served_model_name
@@ -116,7 +117,7 @@ class OpenAIServingChat(OpenAIServing):
             def message(builder: ChoiceBuilder) -> tuple[ChatResponseMessage, bool]:
                 if not tools:
                     return ChatResponseMessage(content=builder.text), False
-                content, calls = parse_tool_calls(builder.text)
+                content, calls = parse_tool_calls(builder.text, forced, req.parallel_tool_calls)
                 out = [ToolCallOut(id=c.id, function=FunctionCallOut(name=c.name, arguments=c.arguments))
                        for c in calls]
                 return ChatResponseMessage(content=content, tool_calls=out or None), bool(calls)
@@ -134,7 +135,7 @@ class OpenAIServingChat(OpenAIServing):
             return await self._respond(request, body)
 
         continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
-        parsers = {b.index: HermesToolParser() for b in builders} if tools else {}
+        parsers = {b.index: HermesToolParser(forced, req.parallel_tool_calls) for b in builders} if tools else {}
 
         def chunk(choice: ChatCompletionStreamChoice) -> str:
             return sse(ChatCompletionChunk(id=request_id, created=created, model=model, choices=[choice],
@@ -145,10 +146,7 @@ class OpenAIServingChat(OpenAIServing):
             parser = parsers.get(builder.index)
             calls = None
             if parser is not None:
-                text, calls = parser.feed(text)
-                if builder.finish_reason is not None:
-                    more_text, more_calls = parser.finish()
-                    text, calls = text + more_text, calls + more_calls
+                text, calls = parser.feed(text, final=builder.finish_reason is not None)
                 if not text and not calls and builder.finish_reason is None and not lp:
                     return ""  # held back: nothing to send yet
             return chunk(ChatCompletionStreamChoice(

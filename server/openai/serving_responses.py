@@ -45,7 +45,7 @@ from server.openai.serving import (
     raise_if_failed,
 )
 from server.openai.serving_chat import OpenAIServingChat
-from server.openai.tool_parsers import tool_calls_grammar
+from server.openai.tool_parsers import HermesToolParser, tool_calls_grammar
 from server.tokenizer import Tokenizer
 
 _FAILED = {"error": "the model failed while generating this response",
@@ -89,11 +89,13 @@ class OpenAIServingResponses(OpenAIServing):
         if tools:
             tool_grammar = await self._compile(
                 lambda: tool_calls_grammar(tools, req.named_tool, req.parallel_tool_calls))
-        grammar = tool_grammar if choice in ("required", "named") else await self._compile(req.grammar_request)
+        forced = choice in ("required", "named")
+        grammar = tool_grammar if forced else await self._compile(req.grammar_request)
         response_id = item_id("resp")
         streams = self._start(response_id, [prompt], params, "max_output_tokens", grammar)
         builders = self._builders([prompt], params, echo=False)
-        run = _ResponseRun(self, req, response_id, streams, builders, parse_tools=bool(tools))
+        parser = HermesToolParser(forced, req.parallel_tool_calls) if tools else None
+        run = _ResponseRun(self, req, response_id, streams, builders, parser)
         if not req.stream:
             async def body() -> Response:
                 async for _ in run.events():
@@ -113,7 +115,7 @@ class _ResponseRun:
     """One response being generated: its output items, its events and the response object at any point."""
 
     def __init__(self, serving: OpenAIServingResponses, req: ResponsesRequest, response_id: str,
-                 streams: list[RequestStream], builders: list[ChoiceBuilder], parse_tools: bool) -> None:
+                 streams: list[RequestStream], builders: list[ChoiceBuilder], parser: HermesToolParser | None) -> None:
         self._serving = serving
         self.req = req
         self.id = response_id
@@ -123,7 +125,7 @@ class _ResponseRun:
         [self.builder] = builders
         self._outputs = serving._outputs(response_id, streams, builders)
         self._sequence: Iterator[int] = itertools.count()
-        self.items = OutputItems(self._sequence, parse_tools)
+        self.items = OutputItems(self._sequence, parser)
         self.status: ResponseStatus = "in_progress"
 
     async def events(self) -> AsyncIterator[ResponseEvent]:
@@ -131,9 +133,13 @@ class _ResponseRun:
         yield self._lifecycle("response.in_progress")
         logprobs_sent = 0
         async for builder, text, _ in self._outputs:
-            # builder.logprobs only fills when the request included logprobs.
-            logprobs = self._serving.token_logprobs(builder.logprobs[logprobs_sent:])
+            # builder.logprobs only fills when the request included logprobs. The token that ends the output by
+            # "stop" (an EOS) adds no text, so it has no entry in the text's logprobs (chat's keep it, as usage does).
+            entries = builder.logprobs[logprobs_sent:]
             logprobs_sent = len(builder.logprobs)
+            if builder.finish_reason == "stop" and not builder.stopped_by_string:
+                entries = entries[:-1]
+            logprobs = self._serving.token_logprobs(entries)
             for event in self.items.feed(text, builder.finish_reason is not None, logprobs):
                 yield event
         reason = self.builder.finish_reason

@@ -44,18 +44,36 @@ def _suffix_prefix_len(text: str, token: str) -> int:
 
 
 class HermesToolParser:
-    """Splits generated text into content and tool calls, one text delta at a time."""
+    """Splits generated text into content and tool calls, one text delta at a time.
 
-    def __init__(self) -> None:
+    NOTE: a block is a call only when its JSON parses (as vLLM's Hermes parser decides for a whole output); else it is
+    content. So that a stream never starts a call that then turns out to be text, a block is held back until it closes
+    (or the output ends) and then comes out whole. `forced` output (calls a grammar wrote) is known to parse, so there
+    a call's arguments stream as written, and a call cut off by max_tokens keeps what it has (finish_reason says so).
+    Without `parallel`, only the first call is returned and later ones are dropped (as vLLM).
+    """
+
+    def __init__(self, forced: bool = False, parallel: bool = True) -> None:
         self.calls: list[ParsedToolCall] = []
+        self._forced = forced
+        self._parallel = parallel
         self._buffer = ""  # text not yet turned into deltas
         self._in_call = False
         self._pending_space = ""  # whitespace of content, sent only if more content follows it
-        self._args_start: int | None = None  # where arguments begin in _buffer, once a call's head was sent
+        self._layout = ""  # the whitespace before the open block: content again if the block is no call
+        self._args_start: int | None = None  # where arguments begin in _buffer, once a forced call's head was sent
         self._args_sent = 0
 
-    def feed(self, text: str) -> tuple[str, list[DeltaToolCall]]:
-        """Consume a text delta; return the content it finalises and the tool-call deltas it completes."""
+    def feed(self, text: str, final: bool = False) -> tuple[str, list[DeltaToolCall]]:
+        """Consume a text delta (`final`: the output ends with it); return the content it finalises and the tool-call
+        deltas it completes, at most one per call (the openai SDK takes a second entry of an index for a new call)."""
+        content, deltas = self._feed(text)
+        if final:
+            more, more_deltas = self._finish()
+            content, deltas = content + more, deltas + more_deltas
+        return content, _merged(deltas)
+
+    def _feed(self, text: str) -> tuple[str, list[DeltaToolCall]]:
         self._buffer += text
         content: list[str] = []
         deltas: list[DeltaToolCall] = []
@@ -68,7 +86,7 @@ class HermesToolParser:
                     self._buffer = self._buffer[len(self._buffer) - hold:]
                     break
                 content.append(self._content(self._buffer[:start]))
-                self._pending_space = ""  # whitespace before a call is layout, not content
+                self._layout, self._pending_space = self._pending_space, ""  # before a call it is layout, not content
                 self._buffer = self._buffer[start + len(CALL_START):]
                 self._in_call, self._args_start, self._args_sent = True, None, 0
                 continue
@@ -84,8 +102,8 @@ class HermesToolParser:
             self._in_call = False
         return "".join(content), deltas
 
-    def finish(self) -> tuple[str, list[DeltaToolCall]]:
-        """The rest at the end of the output: an unclosed call is closed as far as it got."""
+    def _finish(self) -> tuple[str, list[DeltaToolCall]]:
+        """The rest at the end of the output: an unclosed block is closed as far as it got."""
         if self._in_call:
             deltas = self._stream_call(self._buffer)
             more, text_back = self._close_call(self._buffer, closed=False)
@@ -112,9 +130,11 @@ class HermesToolParser:
         return "" if self.calls else space
 
     def _stream_call(self, body: str) -> list[DeltaToolCall]:
-        """Deltas of an open call: its head once the name is known, then argument text that cannot be the call's
-        closing brace (everything before the last '}' seen so far)."""
-        deltas = []
+        """Deltas of an open forced call: its head once the name is known, then argument text that cannot be the
+        call's closing brace (everything before the last '}' seen so far)."""
+        deltas: list[DeltaToolCall] = []
+        if not self._forced:
+            return deltas
         if self._args_start is None:
             head = _HEAD.match(body)
             if head is None:
@@ -142,8 +162,10 @@ class HermesToolParser:
         if self._args_start is None:
             parsed = _parse_call(body)
             if parsed is None:
-                return [], CALL_START + body + (CALL_END if closed else "")
+                return [], self._layout + CALL_START + body + (CALL_END if closed else "")
             name, arguments = parsed
+            if self.calls and not self._parallel:
+                return [], ""
             self.calls.append(ParsedToolCall(_new_call_id(), name, arguments))
             return [DeltaToolCall(index=len(self.calls) - 1, id=self.calls[-1].id, type="function",
                                   function=DeltaFunctionCall(name=name, arguments=arguments))], ""
@@ -166,12 +188,24 @@ def _parse_call(body: str) -> tuple[str, str] | None:
     return call["name"], json.dumps(arguments, ensure_ascii=False)
 
 
-def parse_tool_calls(text: str) -> tuple[str | None, list[ParsedToolCall]]:
-    """Content (None when empty and there are calls) and the calls of a whole output."""
-    parser = HermesToolParser()
-    content, _ = parser.feed(text)
-    rest, _ = parser.finish()
-    content += rest
+def _merged(deltas: list[DeltaToolCall]) -> list[DeltaToolCall]:
+    """The deltas with each run of one call's deltas joined into one."""
+    out: list[DeltaToolCall] = []
+    for delta in deltas:
+        if not out or out[-1].index != delta.index:
+            out.append(delta)
+            continue
+        first, more = out[-1].function, delta.function
+        assert first is not None and more is not None, "every tool-call delta carries its function part"
+        arguments = (first.arguments or "") + (more.arguments or "")
+        out[-1] = out[-1].model_copy(update={"function": DeltaFunctionCall(name=first.name, arguments=arguments)})
+    return out
+
+
+def parse_tool_calls(text: str, forced: bool = False, parallel: bool = True) -> tuple[str | None, list[ParsedToolCall]]:
+    """Content (None when empty and there are calls) and the calls of a whole output (see HermesToolParser)."""
+    parser = HermesToolParser(forced, parallel)
+    content, _ = parser.feed(text, final=True)
     return (content or None) if parser.calls else content, parser.calls
 
 

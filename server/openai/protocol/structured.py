@@ -23,8 +23,9 @@ GrammarKind = Literal["json", "regex", "choice", "grammar"]
 
 @dataclass(frozen=True)
 class GrammarRequest:
-    """What one request constrains its output to. `source` is canonical text, so equal specs share a cache entry:
-    a JSON schema serialised with sorted keys, a regex, a JSON list of choices, or a Lark/GBNF grammar."""
+    """What one request constrains its output to. `source` is text that equal specs share a cache entry by: a JSON
+    schema as serialised from the request (never with sorted keys: its properties are written in the order given,
+    as OpenAI's Structured Outputs do), a regex, a JSON list of choices, or a Lark/GBNF grammar."""
 
     kind: GrammarKind
     source: str
@@ -33,7 +34,7 @@ class GrammarRequest:
     @classmethod
     def json_schema(cls, schema: dict[str, Any] | bool, field: str) -> Self:
         """A JSON schema constraint (a bool schema is JSON Schema's 'anything' / 'nothing')."""
-        return cls("json", json.dumps(schema, sort_keys=True, ensure_ascii=False), field)
+        return cls("json", json.dumps(schema, ensure_ascii=False), field)
 
 
 def check_schema(value: Any, field: str) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from server.engine.grammar import (
 from server.engine.sampler import Sampler
 from server.engine.sampler_state import SamplingState
 from server.engine.sampling_params import SamplingParams
+from server.openai.protocol import GrammarRequest
 from server.tokenizer import Tokenizer, load_tokenizer
 
 
@@ -102,3 +103,13 @@ def test_compile_time_limit(tok: Tokenizer) -> None:
     slow = GrammarCompiler(tok.to_json(), tok.vocab_size, tok.eos_token_id, timeout_s=0.0)
     with pytest.raises(GrammarError, match="took longer"):
         asyncio.run(slow.compile_async(GrammarSpec("regex", "[a-z]+"), "structured_outputs.regex"))
+
+
+def test_json_schema_keys_come_in_the_schema_order(compiler: GrammarCompiler, tok: Tokenizer) -> None:
+    # OpenAI's Structured Outputs write keys in schema order ("reasoning" before "answer" schemas rely on it).
+    schema = {"type": "object", "properties": {"zebra": {"type": "boolean"}, "apple": {"type": "boolean"}},
+              "required": ["zebra", "apple"], "additionalProperties": False}
+    request = GrammarRequest.json_schema(schema, "structured_outputs.json")
+    grammar = compiler.compile(GrammarSpec(request.kind, request.source), request.field)
+    assert grammar.new_matcher().consume_tokens(tok.encode('{"zebra":true,"apple":false}'))
+    assert not grammar.new_matcher().consume_tokens(tok.encode('{"apple":false,"zebra":true}'))

@@ -9,15 +9,20 @@ from typing import Any
 
 import pytest
 
+from server.openai.protocol import ChatCompletionLogprob
+from server.openai.protocol.responses_output import OutputMessage
 from server.openai.responses_items import OutputItems
+from server.openai.tool_parsers import HermesToolParser
 
 CALL = '<tool_call>\n{"name": "get_time", "arguments": {"zone": "UTC"}}\n</tool_call>'
 CALL2 = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
+MALFORMED = '<tool_call>{"name": "get_weather", "arguments": {"city": </tool_call>'
 
 
-def build(text: str, pieces: int | None, parse_tools: bool = True) -> tuple[list[dict[str, Any]], list[Any]]:
+def build(text: str, pieces: int | None, parse_tools: bool = True,
+          parallel: bool = True) -> tuple[list[dict[str, Any]], list[Any]]:
     """(items without ids, events) for `text` fed whole (pieces None) or in pieces of that many characters."""
-    items = OutputItems(itertools.count(), parse_tools)
+    items = OutputItems(itertools.count(), HermesToolParser(parallel=parallel) if parse_tools else None)
     size = pieces or max(len(text), 1)
     chunks = [text[i:i + size] for i in range(0, len(text), size)] or [""]
     events = []
@@ -62,7 +67,9 @@ def check_events(events: list[Any], items: list[dict[str, Any]]) -> None:
     f"First. {CALL} Then more text.",
     "<tool_call> not a call </tool_call> and text",
     "a <b>bold</b> x > y <tool_c",
-    '<tool_call>\n{"name": "get_time", "arguments": {"zone": "UT',  # cut off: closed as far as it got
+    '<tool_call>\n{"name": "get_time", "arguments": {"zone": "UT',  # cut off: no call, so text
+    MALFORMED,
+    f"{MALFORMED} then {CALL}",
 ])
 @pytest.mark.parametrize("pieces", [None, 1, 3, 7])
 def test_items_and_events(text: str, pieces: int | None) -> None:
@@ -85,8 +92,38 @@ def test_what_the_items_hold() -> None:
     assert build(CALL, 2, parse_tools=False)[0][0]["content"][0]["text"] == CALL
 
 
+@pytest.mark.parametrize("pieces", [None, 1, 5])
+def test_a_block_that_does_not_parse_is_message_text(pieces: int | None) -> None:
+    items, events = build(f"Checking. {MALFORMED}", pieces)
+    assert [i["type"] for i in items] == ["message"] and items[0]["content"][0]["text"] == f"Checking. {MALFORMED}"
+    assert not any(e.type.startswith("response.function_call") for e in events)
+
+
+@pytest.mark.parametrize("pieces", [None, 1, 5])
+def test_without_parallel_calls_only_the_first_call_is_an_item(pieces: int | None) -> None:
+    items, _ = build(f"First. {CALL}\n{CALL2} Done.", pieces, parallel=False)
+    assert [(i["type"], i.get("name")) for i in items] == [("message", None), ("function_call", "get_time"),
+                                                         ("message", None)]
+    assert items[2]["content"][0]["text"] == " Done."
+
+
 def test_an_incomplete_output_marks_its_last_item() -> None:
-    items = OutputItems(itertools.count(), parse_tools=True)
+    items = OutputItems(itertools.count(), HermesToolParser())
     items.feed(f"Sure. {CALL} and", finished=True)
     items.finish("incomplete")
     assert [i.status for i in items.items] == ["completed", "completed", "incomplete"]
+
+
+def test_logprobs_of_tokens_that_add_no_text_are_in_no_event() -> None:
+    def entry(token: str) -> ChatCompletionLogprob:
+        return ChatCompletionLogprob(token=token, logprob=-1.0, bytes=list(token.encode()))
+
+    items = OutputItems(itertools.count(), None)
+    events = items.feed("Hi", finished=False, logprobs=[entry("H"), entry("i")])
+    events += items.feed("", finished=True, logprobs=[entry("<|im_end|>")])  # an EOS: counted, but no text
+    events += items.finish("completed")
+    deltas = [lp.token for e in events if e.type == "response.output_text.delta" for lp in e.logprobs]
+    [done] = [e for e in events if e.type == "response.output_text.done"]
+    assert deltas == [lp.token for lp in done.logprobs] == ["H", "i"]
+    [message] = items.items
+    assert isinstance(message, OutputMessage) and [lp.token for lp in message.content[0].logprobs] == ["H", "i"]

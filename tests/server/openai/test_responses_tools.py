@@ -12,6 +12,8 @@ import openai
 import pytest
 from pydantic import BaseModel
 
+from server.openai.protocol import GrammarRequest
+from server.openai.protocol.responses import ResponsesRequest
 from tests.server.live import LiveServer
 from tests.server.openai.biased import biased_checkpoint, oai, server  # noqa: F401  (fixtures)
 from tests.server.openai.responses_helpers import R, stable, stream_events
@@ -38,6 +40,15 @@ def test_parse_with_a_pydantic_text_format(oai: openai.OpenAI) -> None:
         assert City.model_validate_json(resp.output_text) == resp.output_parsed
 
 
+def test_json_schema_format_keys_come_in_the_schema_order(http: httpx.Client) -> None:
+    schema = {"type": "object", "properties": {"reasoning": {"type": "string"}, "answer": {"type": "integer"}},
+              "required": ["reasoning", "answer"], "additionalProperties": False}
+    fmt = {"type": "json_schema", "name": "r", "strict": True, "schema": schema}
+    resp = http.post(R, json={"input": "Why?", "text": {"format": fmt}, "max_output_tokens": 100, "seed": 1}).json()
+    text = resp["output"][0]["content"][0]["text"]
+    assert list(json.loads(text)) == ["reasoning", "answer"], text
+
+
 def test_json_object_format(http: httpx.Client) -> None:
     resp = http.post(R, json={"input": "JSON please", "text": {"format": {"type": "json_object"}},
                               "max_output_tokens": 100, "seed": 1}).json()
@@ -45,18 +56,19 @@ def test_json_object_format(http: httpx.Client) -> None:
     assert resp["text"]["format"] == {"type": "json_object"}
 
 
-def test_logprobs_of_a_completed_response_count_every_token(http: httpx.Client) -> None:
+def test_logprobs_of_a_completed_response_are_its_texts_tokens(http: httpx.Client) -> None:
     body = {"input": "JSON please", "text": {"format": {"type": "json_object"}}, "max_output_tokens": 100, "seed": 1,
             "include": ["message.output_text.logprobs"], "top_logprobs": 1}
     whole = http.post(R, json=body).json()
     assert whole["status"] == "completed"
-    logprobs = whole["output"][0]["content"][0]["logprobs"]
-    assert len(logprobs) == whole["usage"]["output_tokens"]  # the EOS that ended it too, as chat counts it
+    [part] = whole["output"][0]["content"]
+    # The EOS that ended it adds no text, so no delta carries it and neither do the done event and the output.
+    assert len(part["logprobs"]) == whole["usage"]["output_tokens"] - 1
+    assert "".join(e["token"] for e in part["logprobs"]) == part["text"]
     events = stream_events(http, **body)
     deltas = [e for name, data in events if name == "response.output_text.delta" for e in data["logprobs"]]
     done = dict(events)["response.output_text.done"]["logprobs"]
-    assert done == events[-1][1]["response"]["output"][0]["content"][0]["logprobs"] == logprobs
-    assert deltas == done[:len(deltas)] and len(done) - len(deltas) <= 1  # an EOS adds no text: no delta of its own
+    assert deltas == done == events[-1][1]["response"]["output"][0]["content"][0]["logprobs"] == part["logprobs"]
 
 
 def test_sdk_stream_final_response_equals_the_unstreamed(oai: openai.OpenAI, http: httpx.Client) -> None:
@@ -126,6 +138,30 @@ def test_auto_without_a_call_is_a_message(http: httpx.Client) -> None:
     resp = http.post(R, json={"input": "Hi", "tools": [TIME], "max_output_tokens": 5, "seed": 1}).json()
     assert [item["type"] for item in resp["output"]] == ["message"]
     assert resp["tool_choice"] == "auto" and resp["tools"][0]["name"] == "get_time"
+
+
+TIME_CALL = '<tool_call>\n{"name": "get_time", "arguments": {"zone": "UTC"}}\n</tool_call>'
+WEATHER_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
+MALFORMED = 'Checking. <tool_call>{"name": "get_time", "arguments": {"zone": </tool_call>'
+
+
+@pytest.mark.parametrize(("text", "parallel", "want"), [
+    (f"{TIME_CALL}\n{WEATHER_CALL}", False, [("function_call", "get_time")]),
+    (f"{TIME_CALL}\n{WEATHER_CALL}", True, [("function_call", "get_time"), ("function_call", "get_weather")]),
+    (MALFORMED, True, [("message", MALFORMED)]),
+])
+def test_auto_calls_parsed_from_the_text(http: httpx.Client, monkeypatch: pytest.MonkeyPatch, text: str,
+                                         parallel: bool, want: list[tuple[str, str]]) -> None:
+    # structured_outputs is no Responses field: the request's constraint is replaced to make the model write `text`.
+    monkeypatch.setattr(ResponsesRequest, "grammar_request",
+                        lambda self: GrammarRequest("grammar", f"start: {json.dumps(text)}", "text.format"))
+    body = {"input": "Weather?", "tools": [WEATHER, TIME], "parallel_tool_calls": parallel, "max_output_tokens": 80}
+    whole = http.post(R, json=body).json()
+    got = [(i["type"], i["name"] if i["type"] == "function_call" else i["content"][0]["text"]) for i in whole["output"]]
+    assert whole["status"] == "completed" and got == want
+    events = stream_events(http, **body)
+    assert stable(events[-1][1]["response"]) == stable(whole)
+    assert sum(name == "response.output_item.added" for name, _ in events) == len(want)
 
 
 BAD_TOOLS: list[tuple[dict[str, Any], str]] = [

@@ -100,6 +100,27 @@ def test_streamed_constrained_output_equals_the_unstreamed_one(http: httpx.Clien
     assert "".join(pieces) == whole
 
 
+ZEBRA_APPLE = {"type": "object", "properties": {"zebra": {"type": "boolean"}, "apple": {"type": "boolean"}},
+               "required": ["zebra", "apple"]}
+REASONING_ANSWER = {"type": "object", "properties": {"reasoning": {"type": "string"}, "answer": {"type": "integer"}},
+                    "required": ["reasoning", "answer"], "additionalProperties": False}
+
+
+@pytest.mark.parametrize(("path", "fields", "keys"), [
+    (C, {"prompt": "JSON:", "structured_outputs": {"json": ZEBRA_APPLE}}, ["zebra", "apple"]),
+    (H, {"messages": USER, "structured_outputs": {"json": ZEBRA_APPLE}}, ["zebra", "apple"]),
+    (H, {"messages": USER, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "r", "strict": True, "schema": REASONING_ANSWER}}}, ["reasoning", "answer"]),
+])
+def test_json_schema_keys_come_in_the_schema_order(http: httpx.Client, path: str, fields: dict[str, Any],
+                                                  keys: list[str]) -> None:
+    for seed in range(2):
+        body = http.post(path, json={**fields, "max_tokens": 100, "seed": seed}).json()
+        choice = body["choices"][0]
+        text = choice["text"] if path == C else choice["message"]["content"]
+        assert list(json.loads(text)) == keys, text
+
+
 def test_the_grammar_wins_over_min_tokens_and_ignore_eos(http: httpx.Client) -> None:
     body = {"messages": USER, "response_format": {"type": "json_object"}, "max_tokens": 120, "min_tokens": 60,
             "ignore_eos": True, "seed": 4}

@@ -11,7 +11,7 @@ import pytest
 from pydantic import BaseModel
 
 from tests.server.openai.biased import biased_checkpoint, oai, server  # noqa: F401  (fixtures)
-from tests.server.sse import assert_error
+from tests.server.sse import assert_error, stream_chunks
 
 H = "/v1/chat/completions"
 USER = [{"role": "user", "content": "What is the weather in Paris?"}]
@@ -138,3 +138,73 @@ def test_bad_tools_are_400_naming_the_field(http: httpx.Client, fields: dict[str
     assert_error(http.post(H, json={"messages": USER, **fields}), 400, param)
     ok = http.post(H, json={"messages": USER, "tools": [TIME], "tool_choice": "required", "max_tokens": 80})
     assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["tool_calls"]
+
+
+PING = {"type": "function", "function": {"name": "ping", "description": "no params"}}  # any object as arguments
+PING_EMPTY = {"type": "function", "function": {"name": "ping", "parameters": {  # only {} as arguments
+    "type": "object", "properties": {}, "additionalProperties": False}}}
+PING_CHOICES: list[Any] = ["required", {"type": "function", "function": {"name": "ping"}}]
+
+
+def _whole_and_streamed(oai: openai.OpenAI, **kwargs: Any) -> tuple[Any, Any]:
+    """The unstreamed choice and the openai SDK's final completion of the same request streamed."""
+    kwargs = dict(model="customllm", messages=USER, temperature=0, max_tokens=60) | kwargs
+    whole = oai.chat.completions.create(**kwargs).choices[0]
+    with oai.chat.completions.stream(**kwargs) as stream:
+        return whole, stream.get_final_completion().choices[0]
+
+
+def _calls(choice: Any) -> list[tuple[str, str]]:
+    return [(c.function.name, c.function.arguments) for c in choice.message.tool_calls or []]
+
+
+def _tool_call_entries(http: httpx.Client, body: dict[str, Any]) -> list[list[dict[str, Any]]]:
+    """The tool_calls entries of each chunk of a streamed chat request."""
+    chunks = stream_chunks(http, H, {"messages": USER, "temperature": 0, "max_tokens": 60} | body | {"stream": True})
+    return [c["choices"][0]["delta"].get("tool_calls") or [] for c in chunks if c["choices"]]
+
+
+@pytest.mark.parametrize("tool", [PING, PING_EMPTY])
+@pytest.mark.parametrize("tool_choice", PING_CHOICES)
+def test_a_call_without_parameters_streams_as_one_call(oai: openai.OpenAI, http: httpx.Client, tool: dict[str, Any],
+                                                       tool_choice: Any) -> None:
+    whole, final = _whole_and_streamed(oai, tools=[tool], tool_choice=tool_choice)
+    assert [name for name, _ in _calls(whole)] == ["ping"] and _calls(final) == _calls(whole)
+    assert tool is PING or _calls(whole) == [("ping", "{}")]
+    for entries in _tool_call_entries(http, {"tools": [tool], "tool_choice": tool_choice}):
+        indexes = [e["index"] for e in entries]
+        assert len(indexes) == len(set(indexes)), entries  # OpenAI sends at most one entry per call in a chunk
+
+
+def _forced_text(text: str) -> dict[str, Any]:
+    """structured_outputs making the model write exactly `text` (tool_choice "auto" then parses it)."""
+    return {"structured_outputs": {"grammar": f"start: {json.dumps(text)}"}}
+
+
+PING_CALL = '<tool_call>\n{"name": "ping", "arguments": {}}\n</tool_call>'
+TIME_CALL = '<tool_call>\n{"name": "get_time", "arguments": {"zone": "UTC"}}\n</tool_call>'
+
+
+def test_auto_call_without_parameters_streams_as_one_call(oai: openai.OpenAI, http: httpx.Client) -> None:
+    whole, final = _whole_and_streamed(oai, tools=[PING], extra_body=_forced_text(PING_CALL))
+    assert _calls(whole) == [("ping", "{}")] and _calls(final) == _calls(whole)
+    for entries in _tool_call_entries(http, {"tools": [PING]} | _forced_text(PING_CALL)):
+        assert len(entries) <= 1, entries
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_parallel_tool_calls_false_returns_the_first_call(oai: openai.OpenAI, parallel: bool) -> None:
+    text = f"{TIME_CALL}\n{PING_CALL}"
+    whole, final = _whole_and_streamed(oai, tools=[TIME, PING], parallel_tool_calls=parallel,
+                                       extra_body=_forced_text(text))
+    want = [("get_time", '{"zone": "UTC"}'), ("ping", "{}")]
+    assert _calls(whole) == (want if parallel else want[:1]) and _calls(final) == _calls(whole)
+    assert whole.finish_reason == final.finish_reason == "tool_calls"
+
+
+def test_a_block_that_does_not_parse_is_content(oai: openai.OpenAI, http: httpx.Client) -> None:
+    text = 'Checking. <tool_call>{"name": "get_time", "arguments": {"zone": </tool_call>'
+    whole, final = _whole_and_streamed(oai, tools=[TIME], extra_body=_forced_text(text))
+    for choice in (whole, final):
+        assert choice.finish_reason == "stop" and choice.message.content == text and not choice.message.tool_calls
+    assert not any(_tool_call_entries(http, {"tools": [TIME]} | _forced_text(text)))  # not even a call's name
