@@ -60,7 +60,7 @@ class OpenAIServingChat(OpenAIServing):
 
     def render_prompt(self, req_messages: list[dict[str, Any]], tools: list[ChatTool] | None,
                       add_generation_prompt: bool = True, continue_final_message: bool = False,
-                      kwargs: dict[str, Any] | None = None) -> list[int]:
+                      kwargs: dict[str, Any] | None = None, add_special_tokens: bool = False) -> list[int]:
         """Token ids of the conversation rendered with the chat template (also what /tokenize returns)."""
         for i, message in enumerate(req_messages):
             check_unicode(message["content"], f"messages[{i}].content")
@@ -71,7 +71,7 @@ class OpenAIServingChat(OpenAIServing):
         except (TypeError, ValueError, KeyError) as exc:
             raise APIError(400, f"cannot render messages: {exc}", param="messages") from exc
         check_unicode(text, "messages")  # also what the checks above do not see (tool names, descriptions)
-        return self.tokenizer.encode(text)
+        return self.tokenizer.encode(text, add_special_tokens)
 
     def chat_prompt(self, req: ChatCompletionRequest) -> tuple[Prompt, SamplingParams]:
         """The rendered messages (with the tools in play) and the sampling parameters of a chat request (also

@@ -59,6 +59,7 @@ from server.openai.protocol.tokens import (
     DetokenizeResponse,
     TokenizeRequest,
     TokenizeResponse,
+    TokenizerInfoResponse,
 )
 from server.openai.protocol.tools import (
     ChatTool,
@@ -121,6 +122,7 @@ __all__ = [
     "TokenId",
     "TokenizeRequest",
     "TokenizeResponse",
+    "TokenizerInfoResponse",
     "ToolCall",
     "ToolCallOut",
     "TopLogprob",
