@@ -22,6 +22,7 @@ from server.openai.protocol import (
     CompletionRequest,
     FieldError,
     GrammarRequest,
+    SamplingExtras,
     TopLogprob,
 )
 from server.tokenizer import Tokenizer
@@ -95,16 +96,22 @@ class OpenAIServing:
     def _sampling_params(self, req: CompletionRequest | ChatCompletionRequest, max_tokens: int,
                          logprobs: int | None, extra_stop_ids: tuple[int, ...] = (),
                          prompt_logprobs: int | None = None) -> SamplingParams:
+        return self._checked_params(
+            req, extra_stop_ids, n=req.n, temperature=req.temperature, top_p=req.top_p,
+            presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+            logit_bias=req.logit_bias or (), seed=req.seed, max_tokens=max_tokens, min_tokens=req.min_tokens,
+            logprobs=logprobs, prompt_logprobs=prompt_logprobs, include_stop_str_in_output=req.keep_stop_string)
+
+    def _checked_params(self, req: SamplingExtras, extra_stop_ids: tuple[int, ...], **fields: Any) -> SamplingParams:
+        """SamplingParams of `fields` and the request's stop and vLLM extras (its stop_token_ids plus
+        extra_stop_ids), checked against the vocabulary; a 400 naming the field for a bad value."""
+        extras = dict(top_k=req.top_k, min_p=req.min_p, repetition_penalty=req.repetition_penalty,
+                      ignore_eos=req.ignore_eos, stop=tuple(req.stop_strings),
+                      stop_token_ids=tuple(req.stop_token_ids or ()) + extra_stop_ids,
+                      skip_special_tokens=req.skip_special_tokens,
+                      include_stop_str_in_output=req.include_stop_str_in_output)
         try:
-            params = SamplingParams(
-                n=req.n, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
-                presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
-                repetition_penalty=req.repetition_penalty, logit_bias=req.logit_bias or (), seed=req.seed,
-                max_tokens=max_tokens, min_tokens=req.min_tokens,
-                stop_token_ids=tuple(req.stop_token_ids or ()) + extra_stop_ids, ignore_eos=req.ignore_eos,
-                logprobs=logprobs, prompt_logprobs=prompt_logprobs, stop=tuple(req.stop_strings),
-                include_stop_str_in_output=req.keep_stop_string,
-                skip_special_tokens=req.skip_special_tokens)
+            params = SamplingParams(**(extras | fields))
             params.validate_token_ids(self.tokenizer.vocab_size)
         except ValueError as exc:
             raise APIError(400, str(exc), param=field_in(str(exc))) from exc
