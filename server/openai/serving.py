@@ -105,11 +105,10 @@ class OpenAIServing:
     def _checked_params(self, req: SamplingExtras, extra_stop_ids: tuple[int, ...], **fields: Any) -> SamplingParams:
         """SamplingParams of `fields` and the request's stop and vLLM extras (its stop_token_ids plus
         extra_stop_ids), checked against the vocabulary; a 400 naming the field for a bad value."""
-        extras = dict(top_k=req.top_k, min_p=req.min_p, repetition_penalty=req.repetition_penalty,
-                      ignore_eos=req.ignore_eos, stop=tuple(req.stop_strings),
-                      stop_token_ids=tuple(req.stop_token_ids or ()) + extra_stop_ids,
-                      skip_special_tokens=req.skip_special_tokens,
-                      include_stop_str_in_output=req.include_stop_str_in_output)
+        extras: dict[str, Any] = dict(
+            top_k=req.top_k, min_p=req.min_p, repetition_penalty=req.repetition_penalty, ignore_eos=req.ignore_eos,
+            stop=tuple(req.stop_strings), stop_token_ids=tuple(req.stop_token_ids or ()) + extra_stop_ids,
+            skip_special_tokens=req.skip_special_tokens, include_stop_str_in_output=req.include_stop_str_in_output)
         try:
             params = SamplingParams(**(extras | fields))
             params.validate_token_ids(self.tokenizer.vocab_size)
@@ -128,13 +127,18 @@ class OpenAIServing:
         except (FieldError, GrammarError) as exc:
             raise APIError(400, str(exc), param=exc.field) from exc
 
-    def token_logprobs(self, entries: list[TokenLogprob]) -> list[ChatCompletionLogprob]:
-        """Generated tokens' logprob entries in chat's shape (also the Responses API's): token text, logprob, UTF-8
-        bytes and the top alternatives."""
-        tok = self.tokenizer
+    def token_label(self, as_ids: bool) -> Callable[[int], str]:
+        """How logprobs name a token: its text, or 'token_id:N' (vLLM's return_tokens_as_token_ids: exact ids back,
+        also for tokens whose text is part of a character)."""
+        return token_id_label if as_ids else self.tokenizer.token_text
+
+    def token_logprobs(self, entries: list[TokenLogprob], as_ids: bool = False) -> list[ChatCompletionLogprob]:
+        """Generated tokens' logprob entries in chat's shape (also the Responses API's): token text (or id label),
+        logprob, UTF-8 bytes and the top alternatives."""
+        tok, label = self.tokenizer, self.token_label(as_ids)
 
         def entry(token_id: int, lp: float) -> TopLogprob:
-            return TopLogprob(token=tok.token_text(token_id), logprob=lp, bytes=list(tok.token_bytes(token_id)))
+            return TopLogprob(token=label(token_id), logprob=lp, bytes=list(tok.token_bytes(token_id)))
         return [ChatCompletionLogprob(**entry(e.token_id, e.logprob).model_dump(),
                                       top_logprobs=[entry(t, lp) for t, lp in e.top]) for e in entries]
 
@@ -274,6 +278,10 @@ def sse_response(outputs: AsyncIterator[tuple[ChoiceBuilder, str, SequenceOutput
         yield sse("[DONE]")
 
     return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+def token_id_label(token_id: int) -> str:
+    return f"token_id:{token_id}"
 
 
 def field_in(message: str) -> str | None:

@@ -129,6 +129,10 @@ class SamplingRequest(SamplingExtras):
     seed: int | None = Field(None, ge=-(2**63), lt=2**64)
     user: str | None = None
     min_tokens: int = Field(0, ge=0)  # vLLM's
+    # vLLM's token-id extras: logprobs name tokens 'token_id:N'; the response carries the prompt's and each
+    # choice's token ids (streamed: the prompt's in a choice's first chunk, the new ids in each).
+    return_tokens_as_token_ids: bool = False
+    return_token_ids: bool = False
     # Extras routers add to every request they forward (vllm-router, SGLang's router), at these defaults.
     # no_stop_trim (SGLang: keep the stop string) is honoured as include_stop_str_in_output; the reasoning
     # switches are honoured trivially (this model has no reasoning phase to separate, stream or drop).
