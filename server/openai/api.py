@@ -252,7 +252,10 @@ def create_app(engine: Engine, tokenizer: Tokenizer, settings: ServerSettings, m
 
     @app.get(MODEL_ROUTE.replace("}", ":path}"))  # an id may hold slashes ("org/name")
     async def model(model: str) -> ModelCard:
-        serving.check_model(model)
+        if model != settings.served_model_name:
+            # The id is not echoed: a URL path may hold anything (a 404 body reflects none of it, as for routes).
+            raise APIError(404, f"The model does not exist; this server serves '{settings.served_model_name}'",
+                           "NotFoundError", "model")
         return card
 
     @app.post("/tokenize", response_model_exclude_none=True)  # token_strs only when asked for

@@ -10,8 +10,9 @@ from tests.server.live import live_server
 
 CASES = 300
 OPERATIONS = {"POST /v1/completions", "POST /v1/chat/completions", "POST /v1/responses", "POST /v1/completions/render",
-              "POST /v1/chat/completions/render", "POST /tokenize", "POST /detokenize", "GET /v1/models",
-              "GET /health", "GET /get_load", "GET /version", "GET /metrics"}
+              "POST /v1/chat/completions/render", "POST /tokenize", "POST /detokenize", "GET /tokenizer_info",
+              "GET /v1/models", "GET /v1/models/{model}", "GET /health", "GET /get_load", "GET /version",
+              "GET /metrics"}
 
 
 def test_schema_declares_the_request_bodies(tiny_checkpoint: Path) -> None:
