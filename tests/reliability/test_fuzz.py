@@ -34,7 +34,9 @@ def test_fuzz_from_the_openapi_schema(tiny_checkpoint: Path) -> None:
     assert not report.failures, report.summary()  # no 5xx; every 4xx with the error body and no internals
     assert report.num_cases >= CASES * 0.9, report.summary()
     assert set(report.by_operation) == OPERATIONS
-    assert report.by_status[200] >= 20 and sum(n for s, n in report.by_status.items() if 400 <= s < 500) >= 100
+    # How many cases succeed follows Hypothesis' draws for the schema, which any schema change reshuffles (seeds 0-3
+    # gave 15-28 before the vLLM extras of issue 26 and 14-23 after): a floor that shows success paths are reached.
+    assert report.by_status[200] >= 10 and sum(n for s, n in report.by_status.items() if 400 <= s < 500) >= 100
     assert report.health_after == 200
     assert report.running_after == 0 and report.kv_usage_after == 0  # nothing left running or holding blocks
 
