@@ -79,6 +79,10 @@ class Tokenizer:
         added = backend.get_added_tokens_decoder()
         self.special_token_ids = frozenset(i for i, tok in added.items() if tok.special)
         self._added_token_ids = frozenset(added)
+        # The BOS the post-processor puts before a text (with add_special_tokens), if it adds one.
+        plain = backend.encode("x", add_special_tokens=False).ids
+        full = backend.encode("x", add_special_tokens=True).ids
+        self.bos_token_id: int | None = full[0] if full[1:len(plain) + 1] == plain else None
         self._char_to_byte = (
             _byte_level_char_to_byte() if isinstance(backend.decoder, decoders.ByteLevel) else None
         )
@@ -87,9 +91,10 @@ class Tokenizer:
         """The tokenizer as tokenizer.json text (what the grammar backend reads)."""
         return self._backend.to_str()
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of text, adding nothing; special-token strings such as <|im_start|> map to their ids."""
-        return list(self._backend.encode(text, add_special_tokens=False).ids)
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of text; special-token strings such as <|im_start|> map to their ids. The server adds nothing
+        to prompts; add_special_tokens (/tokenize's vLLM field) applies the tokenizer's post-processor (a BOS)."""
+        return list(self._backend.encode(text, add_special_tokens=add_special_tokens).ids)
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of each text, encoded in parallel by the backend."""

@@ -32,22 +32,24 @@ from server.openai.protocol import (
     ResponsesRequest,
     TokenizeRequest,
     TokenizeResponse,
-    chat_template_input,
+    TokenizerInfoResponse,
     describe_errors,
 )
-from server.openai.serving import APIError, ServingLimits, check_unicode
+from server.openai.serving import APIError, ServingLimits
 from server.openai.serving_chat import OpenAIServingChat
 from server.openai.serving_completions import OpenAIServingCompletion
 from server.openai.serving_render import OpenAIServingRender
 from server.openai.serving_responses import OpenAIServingResponses
+from server.openai.serving_tokenization import OpenAIServingTokenization
 from server.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
 ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/completions/render",
-          "/v1/chat/completions/render", "/v1/models", "/tokenize", "/detokenize", "/health", "/get_load", "/version",
-          "/metrics")
+          "/v1/chat/completions/render", "/v1/models", "/tokenize", "/detokenize", "/tokenizer_info", "/health",
+          "/get_load", "/version", "/metrics")
+MODEL_ROUTE = "/v1/models/{model}"
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -91,7 +93,7 @@ class GuardMiddleware:
             await self.app(scope, receive, send)
             return
         path = scope["path"]
-        route = path if path in ROUTES else "other"
+        route = path if path in ROUTES else MODEL_ROUTE if path.startswith("/v1/models/") else "other"
         status = 500
 
         async def send_counted(message: Message) -> None:
@@ -176,6 +178,9 @@ def create_app(engine: Engine, tokenizer: Tokenizer, settings: ServerSettings, m
     serving_chat = OpenAIServingChat(engine, tokenizer, limits, grammars, chat_template)
     serving_render = OpenAIServingRender(serving, serving_chat)
     serving_responses = OpenAIServingResponses(engine, tokenizer, limits, grammars, serving_chat)
+    serving_tokenization = OpenAIServingTokenization(serving_chat)
+    # One card, so /v1/models and /v1/models/{model} give the same object (created = when the server started).
+    card = ModelCard(id=settings.served_model_name, max_model_len=limits.max_model_len)
     metrics.set_served_model_name(settings.served_model_name)
 
     @contextlib.asynccontextmanager
@@ -243,29 +248,27 @@ def create_app(engine: Engine, tokenizer: Tokenizer, settings: ServerSettings, m
 
     @app.get("/v1/models")
     async def models() -> ModelList:
-        return ModelList(data=[ModelCard(id=settings.served_model_name, max_model_len=limits.max_model_len)])
+        return ModelList(data=[card])
 
-    @app.post("/tokenize")
+    @app.get(MODEL_ROUTE.replace("}", ":path}"))  # an id may hold slashes ("org/name")
+    async def model(model: str) -> ModelCard:
+        if model != settings.served_model_name:
+            # The id is not echoed: a URL path may hold anything (a 404 body reflects none of it, as for routes).
+            raise APIError(404, f"The model does not exist; this server serves '{settings.served_model_name}'",
+                           "NotFoundError", "model")
+        return card
+
+    @app.post("/tokenize", response_model_exclude_none=True)  # token_strs only when asked for
     async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
-        serving.check_model(body.model)
-        if body.messages is not None:
-            # The same rendering as /v1/chat/completions.
-            tokens = serving_chat.render_prompt(chat_template_input(body.messages), body.tools,
-                                                body.add_generation_prompt)
-        else:
-            check_unicode(body.prompt or "", "prompt")
-            tokens = tokenizer.encode(body.prompt or "")
-        return TokenizeResponse(tokens=tokens, count=len(tokens), max_model_len=limits.max_model_len)
+        return serving_tokenization.tokenize(body)
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
-        serving.check_model(body.model)
-        bad = next((t for t in body.tokens if t >= tokenizer.vocab_size), None)
-        if bad is not None:
-            raise APIError(400, f"token id {bad} is outside the vocabulary [0, {tokenizer.vocab_size})",
-                           param="tokens")
-        # Special tokens are kept, so /detokenize inverts /tokenize also for chat messages (vLLM does the same).
-        return DetokenizeResponse(prompt=tokenizer.decode(body.tokens, skip_special_tokens=False))
+        return serving_tokenization.detokenize(body)
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> TokenizerInfoResponse:
+        return serving_tokenization.tokenizer_info()
 
     @app.get("/health")
     async def health() -> Response:

@@ -36,10 +36,16 @@ _TOOLS_CLOSING = (
     f"\n{CALL_END}")
 
 
+# The usual ChatML template of Hugging Face checkpoints: ChatMLTemplate's rendering of a conversation without tools.
+CHATML_JINJA = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+                "'<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
 class ChatTemplate(Protocol):
     """Renders a conversation as the prompt text the model continues."""
 
     name: str
+    source: str  # as Jinja, for clients that render themselves (/tokenizer_info)
 
     def render(self, messages: Sequence[Message], tools: list[dict[str, Any]] | None = None,
                add_generation_prompt: bool = True, continue_final_message: bool = False,
@@ -60,6 +66,7 @@ class ChatMLTemplate:
     """The bundled ChatML rendering (server/tokenizer.py), with Hermes-style tool turns."""
 
     name = "chatml (bundled)"
+    source = CHATML_JINJA  # tool turns are rendered here only
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self._tokenizer = tokenizer
@@ -125,6 +132,7 @@ class JinjaChatTemplate:
         except jinja2.TemplateError as exc:
             raise ValueError(f"chat template {name} does not parse: {exc}") from exc
         self.name = name
+        self.source = source
         self._special_tokens = dict(special_tokens or {})
 
     def render(self, messages: Sequence[Message], tools: list[dict[str, Any]] | None = None,

@@ -35,7 +35,8 @@ class ChoiceBuilder:
         self._offset_base = text_offset_base
         self._min_tokens = min_tokens
         self.text = ""
-        self.num_tokens = 0
+        self.token_ids: list[int] = []  # every token counted in usage, the one that ended the sample too
+        self._token_ids_sent = 0
         self.logprobs: list[TokenLogprob] = []
         self.finish_reason: FinishReason | None = None
         self.stop_reason: int | str | None = None  # the stop string or stop token id that ended it
@@ -46,6 +47,16 @@ class ChoiceBuilder:
     def prompt_pending(self) -> bool:
         """Whether the prompt logprobs have arrived and no chunk has carried them yet."""
         return self.prompt_logprobs is not None and not self.prompt_sent
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    def unsent_token_ids(self) -> list[int]:
+        """Streaming: the token ids no chunk has carried yet, now counted as sent."""
+        ids = self.token_ids[self._token_ids_sent:]
+        self._token_ids_sent = len(self.token_ids)
+        return ids
 
     @property
     def stopped_by_string(self) -> bool:
@@ -59,7 +70,7 @@ class ChoiceBuilder:
             self.prompt_logprobs = out.prompt_logprobs
         emitted: list[str] = []
         for i, token_id in enumerate(out.token_ids):
-            self.num_tokens += 1
+            self.token_ids.append(token_id)
             if out.logprobs is not None and out.top_logprobs is not None:
                 # The detokenized length, not the emitted one: stop-string hold-back must not shift offsets.
                 self.logprobs.append(TokenLogprob(token_id, out.logprobs[i], out.top_logprobs[i],

@@ -3,16 +3,19 @@ choice's legacy logprobs lists, the first with null) and vLLM's `prompt_logprobs
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from server.engine.sampler_state import PromptLogprob
 from server.openai.protocol import CompletionLogprobs, PromptLogprobEntry
 from server.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
-def top_dict(tokenizer: Tokenizer, token_id: int, logprob: float, top: list[tuple[int, float]]) -> dict[str, float]:
-    """One position's `top_logprobs`: the k most likely tokens and always the chosen one (OpenAI: "up to
-    logprobs+1 elements"; vLLM does the same)."""
-    entries = {tokenizer.token_text(t): lp for t, lp in top}
-    entries.setdefault(tokenizer.token_text(token_id), logprob)
+def top_dict(label: Callable[[int], str], token_id: int, logprob: float,
+             top: list[tuple[int, float]]) -> dict[str, float]:
+    """One position's `top_logprobs`, keyed by `label` (the token's text or id label): the k most likely tokens and
+    always the chosen one (OpenAI: "up to logprobs+1 elements"; vLLM does the same)."""
+    entries = {label(t): lp for t, lp in top}
+    entries.setdefault(label(token_id), logprob)
     return entries
 
 
@@ -26,13 +29,12 @@ def prompt_text_offsets(tokenizer: Tokenizer, token_ids: list[int]) -> list[int]
     return offsets
 
 
-def echo_logprobs(tokenizer: Tokenizer, token_ids: list[int], entries: list[PromptLogprob | None],
-                  k: int) -> CompletionLogprobs:
+def echo_logprobs(tokenizer: Tokenizer, label: Callable[[int], str], token_ids: list[int],
+                  entries: list[PromptLogprob | None], k: int) -> CompletionLogprobs:
     """The prompt's part of an echoed choice's logprobs: entry 0 (no context) is null, as OpenAI sends it."""
-    text = tokenizer.token_text
     top: list[dict[str, float] | None] = [
-        None if e is None else top_dict(tokenizer, e.token_id, e.logprob, e.top[:k]) for e in entries]
-    return CompletionLogprobs(tokens=[text(t) for t in token_ids],
+        None if e is None else top_dict(label, e.token_id, e.logprob, e.top[:k]) for e in entries]
+    return CompletionLogprobs(tokens=[label(t) for t in token_ids],
                               token_logprobs=[None if e is None else e.logprob for e in entries],
                               top_logprobs=top, text_offset=prompt_text_offsets(tokenizer, token_ids))
 

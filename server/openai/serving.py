@@ -22,6 +22,7 @@ from server.openai.protocol import (
     CompletionRequest,
     FieldError,
     GrammarRequest,
+    SamplingExtras,
     TopLogprob,
 )
 from server.tokenizer import Tokenizer
@@ -95,16 +96,21 @@ class OpenAIServing:
     def _sampling_params(self, req: CompletionRequest | ChatCompletionRequest, max_tokens: int,
                          logprobs: int | None, extra_stop_ids: tuple[int, ...] = (),
                          prompt_logprobs: int | None = None) -> SamplingParams:
+        return self._checked_params(
+            req, extra_stop_ids, n=req.n, temperature=req.temperature, top_p=req.top_p,
+            presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+            logit_bias=req.logit_bias or (), seed=req.seed, max_tokens=max_tokens, min_tokens=req.min_tokens,
+            logprobs=logprobs, prompt_logprobs=prompt_logprobs, include_stop_str_in_output=req.keep_stop_string)
+
+    def _checked_params(self, req: SamplingExtras, extra_stop_ids: tuple[int, ...], **fields: Any) -> SamplingParams:
+        """SamplingParams of `fields` and the request's stop and vLLM extras (its stop_token_ids plus
+        extra_stop_ids), checked against the vocabulary; a 400 naming the field for a bad value."""
+        extras: dict[str, Any] = dict(
+            top_k=req.top_k, min_p=req.min_p, repetition_penalty=req.repetition_penalty, ignore_eos=req.ignore_eos,
+            stop=tuple(req.stop_strings), stop_token_ids=tuple(req.stop_token_ids or ()) + extra_stop_ids,
+            skip_special_tokens=req.skip_special_tokens, include_stop_str_in_output=req.include_stop_str_in_output)
         try:
-            params = SamplingParams(
-                n=req.n, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
-                presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
-                repetition_penalty=req.repetition_penalty, logit_bias=req.logit_bias or (), seed=req.seed,
-                max_tokens=max_tokens, min_tokens=req.min_tokens,
-                stop_token_ids=tuple(req.stop_token_ids or ()) + extra_stop_ids, ignore_eos=req.ignore_eos,
-                logprobs=logprobs, prompt_logprobs=prompt_logprobs, stop=tuple(req.stop_strings),
-                include_stop_str_in_output=req.keep_stop_string,
-                skip_special_tokens=req.skip_special_tokens)
+            params = SamplingParams(**(extras | fields))
             params.validate_token_ids(self.tokenizer.vocab_size)
         except ValueError as exc:
             raise APIError(400, str(exc), param=field_in(str(exc))) from exc
@@ -121,13 +127,18 @@ class OpenAIServing:
         except (FieldError, GrammarError) as exc:
             raise APIError(400, str(exc), param=exc.field) from exc
 
-    def token_logprobs(self, entries: list[TokenLogprob]) -> list[ChatCompletionLogprob]:
-        """Generated tokens' logprob entries in chat's shape (also the Responses API's): token text, logprob, UTF-8
-        bytes and the top alternatives."""
-        tok = self.tokenizer
+    def token_label(self, as_ids: bool) -> Callable[[int], str]:
+        """How logprobs name a token: its text, or 'token_id:N' (vLLM's return_tokens_as_token_ids: exact ids back,
+        also for tokens whose text is part of a character)."""
+        return token_id_label if as_ids else self.tokenizer.token_text
+
+    def token_logprobs(self, entries: list[TokenLogprob], as_ids: bool = False) -> list[ChatCompletionLogprob]:
+        """Generated tokens' logprob entries in chat's shape (also the Responses API's): token text (or id label),
+        logprob, UTF-8 bytes and the top alternatives."""
+        tok, label = self.tokenizer, self.token_label(as_ids)
 
         def entry(token_id: int, lp: float) -> TopLogprob:
-            return TopLogprob(token=tok.token_text(token_id), logprob=lp, bytes=list(tok.token_bytes(token_id)))
+            return TopLogprob(token=label(token_id), logprob=lp, bytes=list(tok.token_bytes(token_id)))
         return [ChatCompletionLogprob(**entry(e.token_id, e.logprob).model_dump(),
                                       top_logprobs=[entry(t, lp) for t, lp in e.top]) for e in entries]
 
@@ -267,6 +278,10 @@ def sse_response(outputs: AsyncIterator[tuple[ChoiceBuilder, str, SequenceOutput
         yield sse("[DONE]")
 
     return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+def token_id_label(token_id: int) -> str:
+    return f"token_id:{token_id}"
 
 
 def field_in(message: str) -> str | None:

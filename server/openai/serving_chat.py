@@ -60,7 +60,7 @@ class OpenAIServingChat(OpenAIServing):
 
     def render_prompt(self, req_messages: list[dict[str, Any]], tools: list[ChatTool] | None,
                       add_generation_prompt: bool = True, continue_final_message: bool = False,
-                      kwargs: dict[str, Any] | None = None) -> list[int]:
+                      kwargs: dict[str, Any] | None = None, add_special_tokens: bool = False) -> list[int]:
         """Token ids of the conversation rendered with the chat template (also what /tokenize returns)."""
         for i, message in enumerate(req_messages):
             check_unicode(message["content"], f"messages[{i}].content")
@@ -71,7 +71,7 @@ class OpenAIServingChat(OpenAIServing):
         except (TypeError, ValueError, KeyError) as exc:
             raise APIError(400, f"cannot render messages: {exc}", param="messages") from exc
         check_unicode(text, "messages")  # also what the checks above do not see (tool names, descriptions)
-        return self.tokenizer.encode(text)
+        return self.tokenizer.encode(text, add_special_tokens)
 
     def chat_prompt(self, req: ChatCompletionRequest) -> tuple[Prompt, SamplingParams]:
         """The rendered messages (with the tools in play) and the sampling parameters of a chat request (also
@@ -108,10 +108,13 @@ class OpenAIServingChat(OpenAIServing):
         def logprobs_of(builder: ChoiceBuilder, start: int) -> ChatChoiceLogprobs | None:
             if not req.logprobs:
                 return None
-            return ChatChoiceLogprobs(content=self.token_logprobs(builder.logprobs[start:]))
+            return ChatChoiceLogprobs(content=self.token_logprobs(builder.logprobs[start:],
+                                                                  req.return_tokens_as_token_ids))
 
         def usage() -> UsageInfo:
             return UsageInfo.of(len(token_ids), sum(b.num_tokens for b in builders))
+
+        prompt_ids = token_ids if req.return_token_ids else None  # vLLM's return_token_ids
 
         if not req.stream:
             def message(builder: ChoiceBuilder) -> tuple[ChatResponseMessage, bool]:
@@ -129,17 +132,20 @@ class OpenAIServingChat(OpenAIServing):
                     msg, has_calls = message(b)
                     choices.append(ChatCompletionChoice(index=b.index, message=msg, logprobs=logprobs_of(b, 0),
                                                         finish_reason=_finish_reason(b, has_calls),
-                                                        stop_reason=b.stop_reason))
+                                                        stop_reason=b.stop_reason,
+                                                        token_ids=b.token_ids if req.return_token_ids else None))
                 return JSONResponse(ChatCompletionResponse(id=request_id, created=created, model=model,
-                                                           choices=choices, usage=usage()).model_dump())
+                                                           choices=choices, usage=usage(),
+                                                           prompt_token_ids=prompt_ids).model_dump())
             return await self._respond(request, body)
 
         continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
         parsers = {b.index: HermesToolParser(forced, req.parallel_tool_calls) for b in builders} if tools else {}
 
-        def chunk(choice: ChatCompletionStreamChoice) -> str:
+        def chunk(choice: ChatCompletionStreamChoice, first: bool = False) -> str:
             return sse(ChatCompletionChunk(id=request_id, created=created, model=model, choices=[choice],
-                                            usage=usage() if continuous else None))
+                                            usage=usage() if continuous else None,
+                                            prompt_token_ids=prompt_ids if first else None))
 
         def delta(builder: ChoiceBuilder, text: str, logprobs_from: int) -> str:
             lp = logprobs_of(builder, logprobs_from)
@@ -152,10 +158,12 @@ class OpenAIServingChat(OpenAIServing):
             return chunk(ChatCompletionStreamChoice(
                 index=builder.index, delta=DeltaMessage(content=text or None, tool_calls=calls or None),
                 logprobs=lp, finish_reason=_finish_reason(builder, bool(parser and parser.calls)),
-                stop_reason=builder.stop_reason))
+                stop_reason=builder.stop_reason,
+                token_ids=builder.unsent_token_ids() if req.return_token_ids else None))
 
-        opening = [chunk(ChatCompletionStreamChoice(index=b.index, delta=DeltaMessage(role="assistant", content="")))
-                   for b in builders]
+        # Each choice's opening chunk carries the prompt's ids (as vLLM's role chunks do).
+        opening = [chunk(ChatCompletionStreamChoice(index=b.index, delta=DeltaMessage(role="assistant", content="")),
+                         first=True) for b in builders]
         closing = None
         if req.stream_options and req.stream_options.include_usage:
             def closing() -> str:

@@ -71,19 +71,19 @@ class OpenAIServingCompletion(OpenAIServing):
         builders = self._builders(prompts, params, req.echo)
         num_prompt_tokens = sum(len(p.token_ids) for p in prompts)
         outputs = self._outputs(request_id, streams, builders)
+        label = self.token_label(req.return_tokens_as_token_ids)
 
         def logprobs_of(builder: ChoiceBuilder, start: int, with_prompt: bool) -> CompletionLogprobs | None:
             if req.logprobs is None:
                 return None
             entries = builder.logprobs[start:]
-            text = self.tokenizer.token_text
             lp = CompletionLogprobs(
-                tokens=[text(e.token_id) for e in entries], token_logprobs=[e.logprob for e in entries],
-                top_logprobs=[top_dict(self.tokenizer, e.token_id, e.logprob, e.top) for e in entries],
+                tokens=[label(e.token_id) for e in entries], token_logprobs=[e.logprob for e in entries],
+                top_logprobs=[top_dict(label, e.token_id, e.logprob, e.top) for e in entries],
                 text_offset=[e.text_offset for e in entries])
             if not (with_prompt and echo_lp is not None and builder.prompt_logprobs is not None):
                 return lp
-            head = echo_logprobs(self.tokenizer, prompts[builder.index // req.n].token_ids,
+            head = echo_logprobs(self.tokenizer, label, prompts[builder.index // req.n].token_ids,
                                  builder.prompt_logprobs, echo_lp)
             return CompletionLogprobs(tokens=head.tokens + lp.tokens,
                                       token_logprobs=head.token_logprobs + lp.token_logprobs,
@@ -98,13 +98,23 @@ class OpenAIServingCompletion(OpenAIServing):
         def usage() -> UsageInfo:
             return UsageInfo.of(num_prompt_tokens, sum(b.num_tokens for b in builders))
 
+        prompt_ids_sent: set[int] = set()
+
+        def prompt_ids(index: int) -> list[int] | None:
+            """return_token_ids: a choice's prompt ids, once (streamed: in its first chunk)."""
+            if not req.return_token_ids or index in prompt_ids_sent:
+                return None
+            prompt_ids_sent.add(index)
+            return prompts[index // req.n].token_ids
+
         if not req.stream:
             async def body() -> Response:
                 await drain(outputs, builders)
                 choices = [CompletionChoice(
                     index=b.index, text=(prompts[b.index // req.n].text if req.echo else "") + b.text,
                     logprobs=logprobs_of(b, 0, True), finish_reason=b.finish_reason, stop_reason=b.stop_reason,
-                    prompt_logprobs=prompt_part(b))
+                    prompt_logprobs=prompt_part(b), prompt_token_ids=prompt_ids(b.index),
+                    token_ids=b.token_ids if req.return_token_ids else None)
                     for b in builders]
                 return JSONResponse(CompletionResponse(id=request_id, created=created, model=model,
                                                        choices=choices, usage=usage()).model_dump())
@@ -126,9 +136,12 @@ class OpenAIServingCompletion(OpenAIServing):
             return chunk(CompletionChoice(index=builder.index, text=head + text,
                                           logprobs=logprobs_of(builder, logprobs_from, first),
                                           finish_reason=builder.finish_reason, stop_reason=builder.stop_reason,
-                                          prompt_logprobs=prompt_part(builder) if first else None))
+                                          prompt_logprobs=prompt_part(builder) if first else None,
+                                          prompt_token_ids=prompt_ids(builder.index),
+                                          token_ids=builder.unsent_token_ids() if req.return_token_ids else None))
 
-        opening = [chunk(CompletionChoice(index=b.index, text=prompts[b.index // req.n].text))
+        opening = [chunk(CompletionChoice(index=b.index, text=prompts[b.index // req.n].text,
+                                          prompt_token_ids=prompt_ids(b.index)))
                    for b in builders] if req.echo and not echo_first else []
         closing = None
         if req.stream_options and req.stream_options.include_usage:
@@ -140,7 +153,9 @@ class OpenAIServingCompletion(OpenAIServing):
     def _echo_only(self, req: CompletionRequest, prompts: list[Prompt], request_id: str, created: int) -> Response:
         """max_tokens 0 with echo: each choice is its prompt, as one JSON body or as SSE like any stream."""
         model = self.limits.served_model_name
-        choices = [CompletionChoice(index=i * req.n + j, text=p.text, finish_reason="length")
+        ids = req.return_token_ids
+        choices = [CompletionChoice(index=i * req.n + j, text=p.text, finish_reason="length",
+                                    prompt_token_ids=p.token_ids if ids else None, token_ids=[] if ids else None)
                    for i, p in enumerate(prompts) for j in range(req.n)]
         usage = UsageInfo.of(sum(len(p.token_ids) for p in prompts), 0)
         if not req.stream:

@@ -76,9 +76,9 @@ class OpenAIServingResponses(OpenAIServing):
             # Named by the field it came in: the messages are this request's input.
             raise APIError(exc.status, exc.message.replace("messages", "input"), exc.type, "input") from exc
         max_tokens = req.max_output_tokens or self.room_for_output(len(token_ids), "input")
-        params = SamplingParams(temperature=req.temperature, top_p=req.top_p, seed=req.seed, max_tokens=max_tokens,
-                                stop_token_ids=self.tokenizer.chat_stop_token_ids,
-                                logprobs=(req.top_logprobs or 0) if req.logprobs else None)
+        params = self._checked_params(req, self.tokenizer.chat_stop_token_ids, temperature=req.temperature,
+                                      top_p=req.top_p, seed=req.seed, max_tokens=max_tokens,
+                                      logprobs=(req.top_logprobs or 0) if req.logprobs else None)
         return Prompt(token_ids, ""), params
 
     async def create_response(self, req: ResponsesRequest, request: Request) -> Response:

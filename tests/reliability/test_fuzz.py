@@ -10,8 +10,9 @@ from tests.server.live import live_server
 
 CASES = 300
 OPERATIONS = {"POST /v1/completions", "POST /v1/chat/completions", "POST /v1/responses", "POST /v1/completions/render",
-              "POST /v1/chat/completions/render", "POST /tokenize", "POST /detokenize", "GET /v1/models",
-              "GET /health", "GET /get_load", "GET /version", "GET /metrics"}
+              "POST /v1/chat/completions/render", "POST /tokenize", "POST /detokenize", "GET /tokenizer_info",
+              "GET /v1/models", "GET /v1/models/{model}", "GET /health", "GET /get_load", "GET /version",
+              "GET /metrics"}
 
 
 def test_schema_declares_the_request_bodies(tiny_checkpoint: Path) -> None:
@@ -33,7 +34,9 @@ def test_fuzz_from_the_openapi_schema(tiny_checkpoint: Path) -> None:
     assert not report.failures, report.summary()  # no 5xx; every 4xx with the error body and no internals
     assert report.num_cases >= CASES * 0.9, report.summary()
     assert set(report.by_operation) == OPERATIONS
-    assert report.by_status[200] >= 20 and sum(n for s, n in report.by_status.items() if 400 <= s < 500) >= 100
+    # How many cases succeed follows Hypothesis' draws for the schema, which any schema change reshuffles (seeds 0-3
+    # gave 15-28 before the vLLM extras of issue 26 and 14-23 after): a floor that shows success paths are reached.
+    assert report.by_status[200] >= 10 and sum(n for s, n in report.by_status.items() if 400 <= s < 500) >= 100
     assert report.health_after == 200
     assert report.running_after == 0 and report.kv_usage_after == 0  # nothing left running or holding blocks
 

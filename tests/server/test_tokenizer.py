@@ -7,6 +7,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+from tokenizers import Tokenizer as BackendTokenizer
+from tokenizers import processors
 
 from server.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer, load_tokenizer
 
@@ -84,6 +86,18 @@ def test_known_encodings(tok: Tokenizer, text: str, ids: list[int]) -> None:
 def test_encode_batch_matches_encode(tok: Tokenizer) -> None:
     texts = ["Hello", "日本語", "", "<|endoftext|>x"]
     assert tok.encode_batch(texts) == [tok.encode(t) for t in texts]
+
+
+def test_add_special_tokens_applies_the_post_processor(tok: Tokenizer) -> None:
+    # The bundled tokenizer has no post-processor: nothing is added, and it has no BOS.
+    assert tok.encode("hi", add_special_tokens=True) == tok.encode("hi") and tok.bos_token_id is None
+    backend = BackendTokenizer.from_str(tok.to_json())
+    backend.post_processor = processors.TemplateProcessing(single="<|im_start|> $A",
+                                                           special_tokens=[("<|im_start|>", 1)])
+    with_bos = Tokenizer(backend, "test")
+    assert with_bos.bos_token_id == 1
+    assert with_bos.encode("hi", add_special_tokens=True) == [1, *tok.encode("hi")]
+    assert with_bos.encode("hi") == tok.encode("hi")  # what prompts get: nothing added
 
 
 def test_decode_skips_special_tokens_by_default(tok: Tokenizer) -> None:

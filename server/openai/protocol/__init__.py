@@ -27,6 +27,7 @@ from server.openai.protocol.common import (
     Logprob,
     ModelCard,
     ModelList,
+    SamplingExtras,
     SamplingRequest,
     StreamOptions,
     StrictModel,
@@ -59,6 +60,7 @@ from server.openai.protocol.tokens import (
     DetokenizeResponse,
     TokenizeRequest,
     TokenizeResponse,
+    TokenizerInfoResponse,
 )
 from server.openai.protocol.tools import (
     ChatTool,
@@ -113,6 +115,7 @@ __all__ = [
     "PromptLogprobEntry",
     "ResponseFormat",
     "ResponsesRequest",
+    "SamplingExtras",
     "SamplingRequest",
     "StreamOptions",
     "StrictModel",
@@ -121,6 +124,7 @@ __all__ = [
     "TokenId",
     "TokenizeRequest",
     "TokenizeResponse",
+    "TokenizerInfoResponse",
     "ToolCall",
     "ToolCallOut",
     "TopLogprob",

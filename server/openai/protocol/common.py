@@ -79,39 +79,18 @@ class StreamOptions(StrictModel):
     continuous_usage_stats: bool = False
 
 
-class SamplingRequest(StrictModel):
-    """Fields shared by /v1/completions and /v1/chat/completions."""
+class SamplingExtras(StrictModel):
+    """`stop` and the vLLM sampling extras that benchmark and eval clients send, on every generation endpoint
+    (/v1/responses too, as vLLM's takes them)."""
 
-    model: str | None = None  # None = the served model (OpenAI requires it; we are lenient)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    n: int = Field(1, ge=1, le=MAX_N)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    presence_penalty: float = Field(0.0, ge=-2, le=2)
-    frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    logit_bias: dict[TokenId, Annotated[float, Field(ge=-100, le=100)]] | None = None
-    seed: int | None = Field(None, ge=-(2**63), lt=2**64)
-    user: str | None = None
-    # vLLM extensions that benchmark and eval clients send.
     top_k: int = Field(0, ge=-1)  # -1 or 0 = disabled
     min_p: float = Field(0.0, ge=0, le=1)
     repetition_penalty: float = Field(1.0, gt=0)
-    min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
     stop_token_ids: list[TokenId] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
-    # Extras routers add to every request they forward (vllm-router, SGLang's router), at these defaults.
-    # no_stop_trim (SGLang: keep the stop string) is honoured as include_stop_str_in_output; the reasoning
-    # switches are honoured trivially (this model has no reasoning phase to separate, stream or drop).
-    no_stop_trim: bool = False
-    return_hidden_states: bool = False
-    continue_final_message: bool = False
-    separate_reasoning: bool = True
-    stream_reasoning: bool = True
-    include_reasoning: bool = True
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -127,6 +106,43 @@ class SamplingRequest(StrictModel):
             raise ValueError(f"stop strings must be 1 to {MAX_STOP_STRING_LEN} characters long")
         return value
 
+    @property
+    def stop_strings(self) -> list[str]:
+        """`stop` as a list (empty when absent)."""
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+class SamplingRequest(SamplingExtras):
+    """Fields shared by /v1/completions and /v1/chat/completions."""
+
+    model: str | None = None  # None = the served model (OpenAI requires it; we are lenient)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    n: int = Field(1, ge=1, le=MAX_N)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    logit_bias: dict[TokenId, Annotated[float, Field(ge=-100, le=100)]] | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)
+    user: str | None = None
+    min_tokens: int = Field(0, ge=0)  # vLLM's
+    # vLLM's token-id extras: logprobs name tokens 'token_id:N'; the response carries the prompt's and each
+    # choice's token ids (streamed: the prompt's in a choice's first chunk, the new ids in each).
+    return_tokens_as_token_ids: bool = False
+    return_token_ids: bool = False
+    # Extras routers add to every request they forward (vllm-router, SGLang's router), at these defaults.
+    # no_stop_trim (SGLang: keep the stop string) is honoured as include_stop_str_in_output; the reasoning
+    # switches are honoured trivially (this model has no reasoning phase to separate, stream or drop).
+    no_stop_trim: bool = False
+    return_hidden_states: bool = False
+    continue_final_message: bool = False
+    separate_reasoning: bool = True
+    stream_reasoning: bool = True
+    include_reasoning: bool = True
+
     @field_validator("logit_bias", mode="before")
     @classmethod
     def _parse_logit_bias_keys(cls, value: Any) -> Any:
@@ -141,13 +157,6 @@ class SamplingRequest(StrictModel):
                 key = int(key)
             parsed[key] = bias
         return parsed
-
-    @property
-    def stop_strings(self) -> list[str]:
-        """`stop` as a list (empty when absent)."""
-        if self.stop is None:
-            return []
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
     @property
     def keep_stop_string(self) -> bool:

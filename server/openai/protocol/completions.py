@@ -110,6 +110,8 @@ class CompletionChoice(BaseModel):
     stop_reason: int | str | None = None  # vLLM: the stop string or token id that ended it
     # vLLM: per prompt token, null for the first, else {token id: entry} of the token itself and the top ones.
     prompt_logprobs: list[dict[str, PromptLogprobEntry] | None] | None = None
+    prompt_token_ids: list[int] | None = None  # vLLM's return_token_ids
+    token_ids: list[int] | None = None
 
 
 class CompletionResponse(BaseModel):

@@ -9,7 +9,7 @@ from typing import Any, Literal, Self
 from pydantic import Field, PrivateAttr, model_validator
 
 from server.openai.protocol.chat import ChatMessage
-from server.openai.protocol.common import MAX_LOGPROBS, FieldError, StrictModel
+from server.openai.protocol.common import MAX_LOGPROBS, FieldError, SamplingExtras, StrictModel
 from server.openai.protocol.responses_input import conversation, validate_as
 from server.openai.protocol.structured import NAME_PATTERN, GrammarRequest
 from server.openai.protocol.tools import MAX_TOOLS, ChatTool, FunctionDefinition
@@ -102,8 +102,8 @@ class ResponsesStreamOptions(StrictModel):
     include_obfuscation: bool = True  # accepted: events carry no obfuscation padding either way
 
 
-class ResponsesRequest(StrictModel):
-    """POST /v1/responses."""
+class ResponsesRequest(SamplingExtras):
+    """POST /v1/responses; with `stop` and vLLM's sampling extras, which vLLM's Responses request takes too."""
 
     model: str | None = None  # None = the served model
     input: str | list[dict[str, Any]]

@@ -1,4 +1,4 @@
-"""POST /tokenize and POST /detokenize."""
+"""POST /tokenize, POST /detokenize and GET /tokenizer_info."""
 
 from typing import Self
 
@@ -24,6 +24,10 @@ class TokenizeRequest(StrictModel):
     messages: list[ChatMessage] | None = None
     tools: list[ChatTool] | None = None  # rendered into the prompt as chat completions would
     add_generation_prompt: bool = True
+    # vLLM's fields. add_special_tokens: what the tokenizer's post-processor adds (a BOS, say); the default is what
+    # the generation endpoints feed the model, which add nothing (vLLM's default for a prompt is true).
+    add_special_tokens: bool = False
+    return_token_strs: bool = False  # the vocabulary strings of the tokens, in `token_strs`
 
     @model_validator(mode="after")
     def _one_input(self) -> Self:
@@ -44,14 +48,27 @@ class DetokenizeRequest(StrictModel):
 
 
 class TokenizeResponse(BaseModel):
-    """Body of POST /tokenize."""
+    """Body of POST /tokenize; token_strs only when asked for (left out otherwise)."""
 
     tokens: list[int]
     count: int
     max_model_len: int
+    token_strs: list[str] | None = None
 
 
 class DetokenizeResponse(BaseModel):
     """Body of POST /detokenize."""
 
     prompt: str
+
+
+class TokenizerInfoResponse(BaseModel):
+    """Body of GET /tokenizer_info: vLLM's fields (a tokenizer_config.json's) plus the special tokens' ids."""
+
+    tokenizer_class: str
+    eos_token: str
+    eos_token_id: int
+    bos_token: str | None
+    bos_token_id: int | None
+    model_max_length: int
+    chat_template: str

@@ -19,15 +19,20 @@ from tests.server.live import LiveServer, live_server, write_tiny_checkpoint
 CLOSING_BIAS = 20.0
 
 
+def write_biased_checkpoint(directory: Path, token_ids: list[int], bias: float) -> Path:
+    """The tiny test checkpoint with lm_head.bias raised by `bias` for `token_ids`."""
+    write_tiny_checkpoint(directory)
+    state = load_file(directory / "model.safetensors")
+    state["lm_head.bias"][token_ids] += bias
+    save_file(state, directory / "model.safetensors")
+    return directory
+
+
 def write_closing_biased_checkpoint(directory: Path) -> Path:
     """The tiny test checkpoint with lm_head.bias raised by CLOSING_BIAS for closing tokens and EOS."""
     tok = load_tokenizer(None)
-    write_tiny_checkpoint(directory)
     closing = [i for i in range(tok.vocab_size) if (t := tok.decode([i])) and set(t) <= set('"}]')]
-    state = load_file(directory / "model.safetensors")
-    state["lm_head.bias"][[*closing, tok.eos_token_id]] += CLOSING_BIAS
-    save_file(state, directory / "model.safetensors")
-    return directory
+    return write_biased_checkpoint(directory, [*closing, tok.eos_token_id], CLOSING_BIAS)
 
 
 @pytest.fixture(scope="module")

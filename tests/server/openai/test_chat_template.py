@@ -44,6 +44,14 @@ def test_a_jinja_chatml_template_renders_the_same_prompt(tok: Tokenizer) -> None
     assert template.render(MESSAGES, tools).startswith("<|im_start|>system\nTOOLS: f g<|im_end|>\n")
 
 
+def test_source_is_the_jinja_of_the_rendering(tok: Tokenizer) -> None:
+    # /tokenizer_info hands the source to clients that render themselves (lm-eval's remote tokenizer).
+    assert JinjaChatTemplate(HF_CHATML, "test").source == HF_CHATML
+    bundled = JinjaChatTemplate(ChatMLTemplate(tok).source, "bundled")
+    for add in (True, False):
+        assert bundled.render(MESSAGES, None, add) == ChatMLTemplate(tok).render(MESSAGES, None, add)
+
+
 def test_continue_final_message_leaves_the_last_turn_open(tok: Tokenizer) -> None:
     for template in (ChatMLTemplate(tok), JinjaChatTemplate(HF_CHATML, "test")):
         text = template.render(MESSAGES[:3], None, add_generation_prompt=False, continue_final_message=True)
