@@ -1,7 +1,7 @@
 """Prometheus metrics of one server: a private registry, cheap recording calls, text rendering.
 
 Every method takes *deltas* for counters (what happened since the last call) and *current values*
-for gauges. The engine thread calls `observe_step` once per step, so that path does no allocation
+for gauges. The engine thread calls `record_step` once per step, so that path does no allocation
 beyond a few list operations and never formats labels.
 """
 
@@ -17,6 +17,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.metrics_core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from server.engine.stats import FinishedStats, SchedulerStats
 from server.metrics_vllm import VllmAliasCollector
 
 FINISH_REASONS = ("stop", "length", "abort", "error")
@@ -169,47 +170,39 @@ class ServerMetrics:
 
     # --- engine thread --------------------------------------------------------------------------
 
-    def observe_step(self, num_tokens: int, num_running: int, num_waiting: int, kv_usage: float,
-                     expert_counts: Sequence[Sequence[int]] | None = None) -> None:
-        """Record one engine step; `expert_counts[layer][expert]` are this step's routed tokens (deltas)."""
-        if num_tokens > 0:
-            self.tokens_per_step.observe(num_tokens)
-        self.num_requests_running.set(num_running)
-        self.num_requests_waiting.set(num_waiting)
-        self.kv_cache_usage_ratio.set(min(max(kv_usage, 0.0), 1.0))
-        if expert_counts is not None:
-            self._expert_load.add(expert_counts)
+    def record_step(self, stats: SchedulerStats) -> None:
+        """Record one engine step (or an idle poll: no tokens)."""
+        if stats.num_batched_tokens > 0:
+            self.tokens_per_step.observe(stats.num_batched_tokens)
+        self.num_requests_running.set(stats.num_running_reqs)
+        self.num_requests_waiting.set(stats.num_waiting_reqs)
+        self.kv_cache_usage_ratio.set(min(max(stats.kv_cache_usage, 0.0), 1.0))
+        if stats.expert_counts is not None:
+            self._expert_load.add(stats.expert_counts)
+        if stats.num_new_preemptions:
+            self.num_preemptions.inc(stats.num_new_preemptions)
+        if stats.num_new_prefix_queries:
+            self.prefix_cache_queries.inc(stats.num_new_prefix_queries)
+        if stats.num_new_prefix_hits:
+            self.prefix_cache_hits.inc(stats.num_new_prefix_hits)
 
-    def observe_request_finished(self, finish_reason: str, prompt_tokens: int, generation_tokens: int,
-                                 queue_time: float | None, ttft: float | None, e2e: float) -> None:
-        """Record a finished request; times in seconds, None where the request never got that far."""
-        child = self._finish_children.get(finish_reason)
+    def record_finished(self, stats: FinishedStats) -> None:
+        """Record a finished sample."""
+        child = self._finish_children.get(stats.finish_reason)
         if child is None:
-            raise ValueError(f"finish_reason must be one of {FINISH_REASONS}, got {finish_reason!r}")
+            raise ValueError(f"finish_reason must be one of {FINISH_REASONS}, got {stats.finish_reason!r}")
         child.inc()
-        self.prompt_tokens.inc(prompt_tokens)
-        self.generation_tokens.inc(generation_tokens)
-        if queue_time is not None:
-            self.request_queue_time.observe(queue_time)
-        if ttft is not None:
-            self.time_to_first_token.observe(ttft)
-        self.e2e_request_latency.observe(e2e)
+        self.prompt_tokens.inc(stats.num_prompt_tokens)
+        self.generation_tokens.inc(stats.num_generation_tokens)
+        if stats.queue_time is not None:
+            self.request_queue_time.observe(stats.queue_time)
+        if stats.time_to_first_token is not None:
+            self.time_to_first_token.observe(stats.time_to_first_token)
+        self.e2e_request_latency.observe(stats.e2e_latency)
 
     def observe_token_latency(self, seconds: float) -> None:
         """Record the gap between two consecutive tokens of one request."""
         self.inter_token_latency.observe(seconds)
-
-    def add_preemptions(self, n: int) -> None:
-        """Add `n` preemptions (a delta)."""
-        if n:
-            self.num_preemptions.inc(n)
-
-    def add_prefix_cache(self, queries: int, hits: int) -> None:
-        """Add prompt tokens looked up and found in the prefix cache (deltas, in tokens)."""
-        if queries:
-            self.prefix_cache_queries.inc(queries)
-        if hits:
-            self.prefix_cache_hits.inc(hits)
 
     # --- HTTP side ------------------------------------------------------------------------------
 

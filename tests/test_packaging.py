@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from server.metrics import ServerMetrics
+from tests.server.metrics_utils import finished_stats, step_stats
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
@@ -56,11 +57,11 @@ def _exported_metric_names() -> set[str]:
     metrics = ServerMetrics()
     metrics.set_info(model="m", dtype="float32", device="cpu")
     metrics.set_kv_cache_info(bytes_per_token=1, capacity_tokens=1)
-    metrics.observe_step(4, 1, 1, 0.5, [[1, 2], [3, 4]])
-    metrics.observe_request_finished("stop", 1, 2, 0.1, 0.2, 0.3)
+    metrics.record_step(step_stats(4, 1, 1, 0.5, [[1, 2], [3, 4]]))
+    metrics.record_finished(finished_stats("stop", 1, 2, 0.1, 0.2, 0.3))
     metrics.observe_token_latency(0.01)
-    metrics.add_preemptions(1)
-    metrics.add_prefix_cache(2, 1)
+    metrics.record_step(step_stats(preemptions=1))
+    metrics.record_step(step_stats(prefix_queries=2, prefix_hits=1))
     metrics.observe_http("/v1/completions", 200)
     return {sample.name for family in metrics.registry.collect() for sample in family.samples}
 

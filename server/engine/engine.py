@@ -1,27 +1,29 @@
-"""The engine: owns model, cache and scheduler, runs steps on one background thread, streams outputs to asyncio.
+"""The engine core: owns the model runner and the scheduler, and runs steps on one background thread.
 
 Threading: the engine thread is the only one that touches the scheduler, the model and tensors. Other threads
 talk to it through `_inbox` (new requests, aborts) under a lock; results go back through each request's
-`RequestStream`, whose buffer the engine appends to without ever waiting for the consumer.
+`RequestStream` (server/engine/outputs.py), which the engine appends to without ever waiting for the consumer.
+Stop checks live where the scheduler updates sequences after a step (`Scheduler.update_from_output`), and what
+metrics records comes as stats objects (server/engine/stats.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import dataclasses
 import itertools
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 from server.engine.grammar import CompiledGrammar
-from server.engine.model_runner import ModelRunner, SampledToken
+from server.engine.model_runner import ModelRunner
+from server.engine.outputs import RequestStream, SequenceOutput
 from server.engine.sampler_state import PromptLogprob, SamplingState
 from server.engine.sampling_params import SamplingParams
-from server.engine.scheduler import Scheduler, SchedulerConfig
+from server.engine.scheduler import Scheduler, SchedulerConfig, SequenceUpdate
 from server.engine.sequence import Sequence, SequenceStatus
+from server.engine.stats import FinishedStats
 from server.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
@@ -29,85 +31,6 @@ logger = logging.getLogger(__name__)
 
 class EngineDeadError(RuntimeError):
     """The engine thread has stopped; no request can be served."""
-
-
-@dataclasses.dataclass
-class SequenceOutput:
-    """New tokens of one sample (`index` < n) since the last output, and how it ended if it did."""
-
-    index: int
-    token_ids: list[int]
-    logprobs: list[float] | None = None  # logprob of each new token under the raw model distribution
-    top_logprobs: list[list[tuple[int, float]]] | None = None
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
-    # With the sample's first output, if it asked for them: entry i scores prompt token i (None for token 0).
-    prompt_logprobs: list[PromptLogprob | None] | None = None
-
-
-class RequestStream:
-    """Outputs of one request, handed from the engine thread to one asyncio consumer.
-
-    The engine only appends to a list and schedules a wake-up, so a slow consumer never slows a step; a
-    consumer that falls behind gets several tokens per output (coalesced), not an ever-longer queue of events.
-    """
-
-    def __init__(self, request_id: str, num_prompt_tokens: int, n: int, loop: asyncio.AbstractEventLoop) -> None:
-        self.request_id = request_id
-        self.num_prompt_tokens = num_prompt_tokens
-        self.num_cached_tokens = 0  # prompt tokens found in the prefix cache (first admission)
-        self.n = n
-        self._loop = loop
-        self._lock = threading.Lock()
-        self._pending: dict[int, SequenceOutput] = {}
-        self._wakeup = asyncio.Event()
-        self._num_finished = 0
-        self.num_samples_left = n  # engine side: samples not yet finished (changed under the engine's lock)
-
-    def put(self, out: SequenceOutput) -> None:
-        """Engine thread: add new tokens of one sample (merged with any the consumer has not taken yet)."""
-        with self._lock:
-            pending = self._pending.get(out.index)
-            if pending is None:
-                self._pending[out.index] = out
-            else:
-                pending.token_ids += out.token_ids
-                if out.logprobs is not None and pending.logprobs is not None:
-                    pending.logprobs += out.logprobs
-                if out.top_logprobs is not None and pending.top_logprobs is not None:
-                    pending.top_logprobs += out.top_logprobs
-                pending.finish_reason = out.finish_reason
-                if out.prompt_logprobs is not None:
-                    pending.prompt_logprobs = out.prompt_logprobs
-        with contextlib.suppress(RuntimeError):  # the consumer's loop is closed: nobody listens any more
-            self._loop.call_soon_threadsafe(self._wakeup.set)
-
-    def __aiter__(self) -> AsyncIterator[list[SequenceOutput]]:
-        return self._iterate()
-
-    async def _iterate(self) -> AsyncIterator[list[SequenceOutput]]:
-        """Yield batches of outputs until every sample has finished."""
-        while self._num_finished < self.n:
-            await self._wakeup.wait()
-            with self._lock:
-                batch = list(self._pending.values())
-                self._pending.clear()
-                self._wakeup.clear()
-            self._num_finished += sum(1 for o in batch if o.finish_reason is not None)
-            if batch:
-                yield batch
-
-
-@dataclasses.dataclass
-class _RequestState:
-    """Engine-side state of one sample (one Sequence)."""
-
-    stream: RequestStream
-    index: int
-    params: SamplingParams
-    sampling: SamplingState
-    arrival_time: float
-    first_token_time: float | None = None
-    last_token_time: float | None = None
 
 
 class Engine:
@@ -139,8 +62,7 @@ class Engine:
         self._num_unfinished = 0
         self._num_unfinished_requests = 0
         self._num_running_requests = 0  # requests with a sample in the running batch, as of the last step
-        self._last_preemptions = 0
-        self._last_prefix = (0, 0)
+        self._streams: dict[int, RequestStream] = {}  # seq_id -> its request's stream, while unfinished
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -207,15 +129,16 @@ class Engine:
             child = params.child(index) if params.n > 1 else params
             matcher = grammar.new_matcher() if grammar is not None else None
             sampling = SamplingState(child, prompt_token_ids, self.runner.device, matcher)
-            state = _RequestState(stream, index, child, sampling, now)
-            seqs.append(Sequence(next(self._seq_ids), request_id, prompt_token_ids, child.max_tokens, now, state))
-            seqs[-1].skip_reading_prefix_cache = child.prompt_logprobs is not None
+            seq = Sequence(next(self._seq_ids), request_id, prompt_token_ids, child.max_tokens, now, sampling, index)
+            seq.skip_reading_prefix_cache = child.prompt_logprobs is not None
+            seqs.append(seq)
         with self._lock:
             # Checked again under the lock: the thread may have died since the check above, after which
             # nothing would ever take this request from the inbox.
             if self._closed:
                 raise EngineDeadError(self.dead_reason or "engine is not running")
             self._inbox.extend(seqs)
+            self._streams.update((seq.seq_id, stream) for seq in seqs)
             self._num_unfinished += len(seqs)
             self._num_unfinished_requests += 1
         self._wakeup.set()
@@ -259,19 +182,8 @@ class Engine:
         for seq in inbox:
             self.scheduler.add(seq)
         for request_id, index, reason in aborts:
-            self._abort_now(request_id, index, reason)
-
-    def _abort_now(self, request_id: str | None, index: int | None, reason: str) -> None:
-        seqs = [s for s in itertools.chain(self.scheduler.waiting, self.scheduler.running)
-                if request_id is None
-                or (s.request_id == request_id and (index is None or s.data.index == index))]  # type: ignore[attr-defined]
-        for seq in seqs:
-            if seq.status is SequenceStatus.RUNNING:
-                self.scheduler.finish(seq)
-            else:
-                self.scheduler.waiting.remove(seq)
-                seq.status = SequenceStatus.FINISHED
-            self._finished(seq, reason)
+            for seq in self.scheduler.abort(request_id, index):
+                self._emit(SequenceUpdate(seq, None, reason))
 
     def step(self) -> None:
         """Schedule one batch, run it, hand out its tokens."""
@@ -288,113 +200,80 @@ class Engine:
             for s in out.scheduled:
                 if s.seq.status is SequenceStatus.RUNNING:
                     self.scheduler.finish(s.seq)
-                    self._finished(s.seq, "error")
+                    self._emit(SequenceUpdate(s.seq, None, "error"))
             return
-        self.scheduler.postprocess(out)
+        updates = self.scheduler.update_from_output(out, sampled, self.eos_token_id)
         self.num_steps += 1
         now = self.clock()
-        for item in sampled:
-            self._append(item, now)
-        for s in out.scheduled:
-            if s.samples and s.seq.max_tokens == 0 and s.seq.status is SequenceStatus.RUNNING:
-                self._finish_prompt_only(s.seq)
+        for update in updates:
+            self._emit(update, now)
         self._report_step(out.num_batched_tokens, expert_counts)
 
-    def _finish_prompt_only(self, seq: Sequence) -> None:
-        """End a max_tokens 0 sequence whose prompt is computed: its prompt logprobs, no token, "length"."""
-        state: _RequestState = seq.data  # type: ignore[assignment]
-        self.scheduler.finish(seq)
-        self._count_finished(seq, "length")
-        lp: list[float] | None = [] if state.params.logprobs is not None else None
-        state.stream.put(SequenceOutput(state.index, [], lp, [] if lp is not None else None, "length",
-                                        self._take_prompt_logprobs(seq)))
+    def _emit(self, update: SequenceUpdate, now: float | None = None) -> None:
+        """Hand one sequence's step result to its request's stream; count it finished if it ended."""
+        seq, item = update.seq, update.sampled
+        params = seq.params
+        lp: list[float] | None = [] if params.logprobs is not None else None
+        output = SequenceOutput(seq.index, [], lp, [] if lp is not None else None, update.finish_reason)
+        if item is not None:
+            assert now is not None, "a sampled token needs the step's time"
+            if seq.num_generated_tokens == 1 and seq.num_preemptions == 0:
+                self._streams[seq.seq_id].num_cached_tokens = seq.num_cached_tokens
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            elif self.metrics is not None and seq.last_token_time is not None:
+                self.metrics.observe_token_latency(now - seq.last_token_time)
+            seq.last_token_time = now
+            output.token_ids = [item.token_id]
+            output.logprobs = [item.logprob] if item.logprob is not None else None
+            output.top_logprobs = [item.top_logprobs] if item.top_logprobs is not None else None
+        # With the first token (or the end of a prompt-only sequence): the prompt logprobs, once.
+        if (item is not None and seq.num_generated_tokens == 1) or (item is None and update.finish_reason == "length"
+                                                                   and seq.max_tokens == 0):
+            output.prompt_logprobs = self._take_prompt_logprobs(seq)
+        stream = self._streams[seq.seq_id]
+        if update.finish_reason is not None:
+            self._count_finished(seq, update.finish_reason, stream)
+        stream.put(output)
 
     @staticmethod
     def _take_prompt_logprobs(seq: Sequence) -> list[PromptLogprob | None] | None:
         """The prompt logprobs, once, when the prompt is computed; the prefix cache is read again afterwards."""
-        sampling: SamplingState = seq.data.sampling  # type: ignore[attr-defined]
-        entries, sampling.prompt_logprobs = sampling.prompt_logprobs, None
+        entries, seq.sampling.prompt_logprobs = seq.sampling.prompt_logprobs, None
         seq.skip_reading_prefix_cache = False
         return entries
 
-    def _append(self, item: SampledToken, now: float) -> None:
-        seq = item.scheduled.seq
-        state: _RequestState = seq.data  # type: ignore[assignment]
-        if seq.num_generated_tokens == 0 and seq.num_preemptions == 0:
-            state.stream.num_cached_tokens = seq.num_cached_tokens
-        seq.append_token(item.token_id)
-        state.sampling.append_token(item.token_id)
-        if state.first_token_time is None:
-            state.first_token_time = now
-        elif self.metrics is not None and state.last_token_time is not None:
-            self.metrics.observe_token_latency(now - state.last_token_time)
-        state.last_token_time = now
-        params = state.params
-        reason = None
-        # A constrained sample ends at EOS even with ignore_eos: the grammar allows EOS only once it is complete,
-        # and nothing after it.
-        constrained = state.sampling.matcher is not None
-        eos = item.token_id == self.eos_token_id and (not params.ignore_eos or constrained)
-        if item.token_id in params.stop_token_ids or eos:
-            reason = "stop"
-        elif seq.num_generated_tokens >= params.max_tokens or seq.num_tokens >= self.config.max_model_len:
-            reason = "length"
-        output = SequenceOutput(state.index, [item.token_id],
-                                [item.logprob] if item.logprob is not None else None,
-                                [item.top_logprobs] if item.top_logprobs is not None else None, reason,
-                                self._take_prompt_logprobs(seq) if seq.num_generated_tokens == 1 else None)
-        if reason is not None:
-            self.scheduler.finish(seq)
-            self._count_finished(seq, reason)
-        state.stream.put(output)
-
-    def _finished(self, seq: Sequence, reason: str) -> None:
-        """End a sample that produced no token this step (abort, error, shutdown)."""
-        state: _RequestState = seq.data  # type: ignore[assignment]
-        self._count_finished(seq, reason)
-        state.stream.put(SequenceOutput(state.index, [], [] if state.params.logprobs is not None else None,
-                                        [] if state.params.logprobs is not None else None, reason))
-
-    def _count_finished(self, seq: Sequence, reason: str) -> None:
-        state: _RequestState = seq.data  # type: ignore[assignment]
+    def _count_finished(self, seq: Sequence, reason: str, stream: RequestStream) -> None:
         with self._lock:
+            del self._streams[seq.seq_id]
             self._num_unfinished -= 1
-            state.stream.num_samples_left -= 1
-            if state.stream.num_samples_left == 0:
+            stream.num_samples_left -= 1
+            if stream.num_samples_left == 0:
                 self._num_unfinished_requests -= 1
         if self.metrics is None:
             return
-        now = self.clock()
-        queue = seq.first_scheduled_time - state.arrival_time if seq.first_scheduled_time is not None else None
-        ttft = state.first_token_time - state.arrival_time if state.first_token_time is not None else None
-        self.metrics.observe_request_finished(reason, seq.num_prompt_tokens, seq.num_generated_tokens, queue, ttft,
-                                              now - state.arrival_time)
+        start = seq.arrival_time
+        self.metrics.record_finished(FinishedStats(
+            reason, seq.num_prompt_tokens, seq.num_generated_tokens,
+            None if seq.first_scheduled_time is None else seq.first_scheduled_time - start,
+            None if seq.first_token_time is None else seq.first_token_time - start, self.clock() - start))
 
     def _report_step(self, num_tokens: int, expert_counts: list[list[int]] | None = None) -> None:
         self._num_running_requests = len({s.request_id for s in self.scheduler.running})
-        if self.metrics is None:
-            return
-        sched = self.scheduler
-        self.metrics.observe_step(num_tokens, self.num_requests_running, self.num_requests_waiting,
-                                  sched.block_usage, expert_counts)
-        self.metrics.add_preemptions(sched.num_preemptions - self._last_preemptions)
-        self._last_preemptions = sched.num_preemptions
-        prefix = (sched.num_prefix_queries_tokens, sched.num_prefix_hit_tokens)
-        self.metrics.add_prefix_cache(prefix[0] - self._last_prefix[0], prefix[1] - self._last_prefix[1])
-        self._last_prefix = prefix
+        if self.metrics is not None:
+            self.metrics.record_step(self.scheduler.make_stats(num_tokens, self._num_unfinished_requests,
+                                                               expert_counts))
 
     def _fail_all(self, reason: str) -> None:
         """End every request still queued or running (on shutdown or when the thread dies)."""
         with self._lock:
             self._closed = True
             inbox, self._inbox = self._inbox, []
-        leftovers = list(self.scheduler.waiting) + list(self.scheduler.running) + inbox
-        for seq in leftovers:
-            if seq.status is SequenceStatus.RUNNING:
-                try:
-                    self.scheduler.finish(seq)
-                except Exception:  # the scheduler may be what broke; the stream must still end
-                    logger.exception("could not free %s", seq)
+        try:
+            leftovers = self.scheduler.abort(None)
+        except Exception:  # the scheduler may be what broke; the streams must still end
+            logger.exception("could not free the scheduler's sequences")
+            leftovers = [*self.scheduler.waiting, *self.scheduler.running]
+        for seq in [*leftovers, *inbox]:
             seq.status = SequenceStatus.FINISHED
-            self._finished(seq, reason)
-        self.scheduler.waiting.clear()
+            self._emit(SequenceUpdate(seq, None, reason))

@@ -2,28 +2,17 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
 from model import AttentionMetadata, CustomLLM, PagedLatentCache
 from server.engine.cuda_graphs import DecodeGraphRunner
+from server.engine.outputs import SampledToken
 from server.engine.sampler import Sampler
-from server.engine.sampler_state import PromptLogprob, SamplingState
+from server.engine.sampler_state import PromptLogprob
 from server.engine.scheduler import ScheduledSequence
 
 # Prompt rows scored per lm_head call: bounds the float32 logits to 64 x V (12.6 MB at V = 49,152).
 _PROMPT_LOGITS_ROWS = 64
-
-
-@dataclasses.dataclass
-class SampledToken:
-    """What the step produced for one sequence whose last token it computed."""
-
-    scheduled: ScheduledSequence
-    token_id: int
-    logprob: float | None
-    top_logprobs: list[tuple[int, float]] | None
 
 
 class ModelRunner:
@@ -65,17 +54,16 @@ class ModelRunner:
 
         self._prompt_logprobs(scheduled, hidden)
         # A max_tokens 0 sequence (prompt logprobs only) ends when its prompt is computed: nothing to sample.
-        sampling = [i for i, s in enumerate(scheduled)
-                    if s.samples and s.seq.data.sampling.params.max_tokens > 0]  # type: ignore[attr-defined]
+        sampling = [i for i, s in enumerate(scheduled) if s.samples and s.seq.params.max_tokens > 0]
         if not sampling:
             return [], expert_counts.tolist()
         ends = torch.tensor(query_lens).cumsum(0) - 1  # row of each sequence's last token
         logits = self.model.compute_logits(hidden[ends[sampling].to(self.device)])  # [S, V]
         rows = [scheduled[i] for i in sampling]
-        states: list[SamplingState] = [r.seq.data.sampling for r in rows]  # type: ignore[attr-defined]
-        out = self.sampler.sample(logits, states, [r.seq.num_generated_tokens for r in rows], self.eos_token_id)
+        out = self.sampler.sample(logits, [r.seq.sampling for r in rows], [r.seq.num_generated_tokens for r in rows],
+                                  self.eos_token_id)
         sampled = [
-            SampledToken(r, token, out.logprobs[i] if out.logprobs else None,
+            SampledToken(r.seq, token, out.logprobs[i] if out.logprobs else None,
                          out.top_logprobs[i] if out.top_logprobs else None)
             for i, (r, token) in enumerate(zip(rows, out.token_ids, strict=True))
         ]
@@ -85,7 +73,7 @@ class ModelRunner:
         """Fill the prompt logprobs of the prompt tokens this step computed (rows of hidden [T, D])."""
         row = 0
         for s in scheduled:
-            state: SamplingState = s.seq.data.sampling  # type: ignore[attr-defined]
+            state = s.seq.sampling
             entries = state.prompt_logprobs
             # Position p's logits score prompt token p + 1; the last prompt position's logits are the sampler's.
             end = min(s.start_pos + s.num_new_tokens, s.seq.num_prompt_tokens - 1)

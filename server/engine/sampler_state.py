@@ -59,8 +59,3 @@ class SamplingState:
             # Cannot happen for a token the mask allowed; the matcher stays in its error state, whose mask
             # allows only EOS, so the sample still ends.
             logger.warning("grammar rejected sampled token %d: %s", token_id, self.matcher.get_error())
-
-    @property
-    def grammar_failed(self) -> bool:
-        """True once the grammar rejected a token."""
-        return self.matcher is not None and self.matcher.is_error()

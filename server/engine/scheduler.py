@@ -14,7 +14,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from server.engine.block_manager import BlockManager
+from server.engine.outputs import SampledToken
 from server.engine.sequence import Sequence, SequenceStatus
+from server.engine.stats import SchedulerStats
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -79,6 +81,28 @@ class SchedulerOutput:
         return not self.scheduled
 
 
+@dataclass(slots=True)
+class SequenceUpdate:
+    """One sequence's result of a step: its new token (None for a prompt-only sequence) and how it ended, if it did."""
+
+    seq: Sequence
+    sampled: SampledToken | None
+    finish_reason: str | None
+
+
+def check_stop(seq: Sequence, token_id: int, eos_token_id: int, max_model_len: int) -> str | None:
+    """Why seq ends with its newest token, token_id: "stop", "length", or None while it goes on."""
+    params = seq.params
+    # A constrained sample ends at EOS even with ignore_eos: the grammar allows EOS only once it is complete, and
+    # nothing after it.
+    eos = token_id == eos_token_id and (not params.ignore_eos or seq.sampling.matcher is not None)
+    if token_id in params.stop_token_ids or eos:
+        return "stop"
+    if seq.num_generated_tokens >= params.max_tokens or seq.num_tokens >= max_model_len:
+        return "length"
+    return None
+
+
 def _arrival_key(seq: Sequence) -> tuple[float, int]:
     return (seq.arrival_time, seq.seq_id)
 
@@ -95,6 +119,7 @@ class Scheduler:
         # NOTE: kept sorted by (arrival_time, seq_id): serving order is FCFS, preemption takes the tail.
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self._reported = (0, 0, 0)  # preemptions, prefix queries, prefix hits as of the last stats
 
     # -- queue management -------------------------------------------------------------------
 
@@ -122,14 +147,17 @@ class Scheduler:
         )
         self.waiting.append(seq)
 
-    def abort(self, request_id: str) -> list[Sequence]:
-        """Remove, free and finish every sequence of request_id; call between steps."""
-        aborted = [s for s in self.waiting if s.request_id == request_id]
-        aborted += [s for s in self.running if s.request_id == request_id]
+    def abort(self, request_id: str | None, index: int | None = None) -> list[Sequence]:
+        """Remove, free and finish the sequences of request_id (only sample `index`, if given; every request's if
+        request_id is None) and return them, waiting ones first; call between steps."""
+        def hit(s: Sequence) -> bool:
+            return request_id is None or (s.request_id == request_id and (index is None or s.index == index))
+
+        aborted = [s for s in self.waiting if hit(s)] + [s for s in self.running if hit(s)]
         if not aborted:
             return []
-        self.waiting = deque(s for s in self.waiting if s.request_id != request_id)
-        self.running = [s for s in self.running if s.request_id != request_id]
+        self.waiting = deque(s for s in self.waiting if not hit(s))
+        self.running = [s for s in self.running if not hit(s)]
         for seq in aborted:
             self.block_manager.free(seq)
             seq.status = SequenceStatus.FINISHED
@@ -158,6 +186,15 @@ class Scheduler:
     def num_prefix_hit_tokens(self) -> int:
         """Cumulative tokens found in the prefix cache at admission."""
         return self.block_manager.num_prefix_hit_tokens
+
+    def make_stats(self, num_batched_tokens: int, num_unfinished_requests: int,
+                   expert_counts: list[list[int]] | None = None) -> SchedulerStats:
+        """The state after a step, for metrics; counters as deltas since the previous call."""
+        now = (self.num_preemptions, self.num_prefix_queries_tokens, self.num_prefix_hit_tokens)
+        last, self._reported = self._reported, now
+        num_running = min(len({s.request_id for s in self.running}), num_unfinished_requests)
+        return SchedulerStats(num_batched_tokens, num_running, num_unfinished_requests - num_running, self.block_usage,
+                              now[0] - last[0], now[1] - last[1], now[2] - last[2], expert_counts)
 
     # -- the step ---------------------------------------------------------------------------
 
@@ -268,3 +305,21 @@ class Scheduler:
             seq.num_computed_tokens += scheduled.num_new_tokens
             assert seq.num_computed_tokens <= seq.num_tokens, f"{seq} computed past its end"
             self.block_manager.commit_computed(seq)
+
+    def update_from_output(self, output: SchedulerOutput, sampled: list[SampledToken],
+                           eos_token_id: int) -> list[SequenceUpdate]:
+        """After the forward: postprocess, append each sampled token, and retire the sequences it ends (and those
+        with max_tokens 0, whose prompt is now computed). One update per sampled or retired sequence."""
+        self.postprocess(output)
+        updates = []
+        for item in sampled:
+            item.seq.append_token(item.token_id)
+            reason = check_stop(item.seq, item.token_id, eos_token_id, self.config.max_model_len)
+            if reason is not None:
+                self.finish(item.seq)
+            updates.append(SequenceUpdate(item.seq, item, reason))
+        for s in output.scheduled:
+            if s.samples and s.seq.max_tokens == 0 and s.seq.status is SequenceStatus.RUNNING:
+                self.finish(s.seq)
+                updates.append(SequenceUpdate(s.seq, None, "length"))
+        return updates

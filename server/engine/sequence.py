@@ -1,6 +1,10 @@
-"""One generation stream: its tokens, how many of them have KV in the cache, and its block table."""
+"""One generation stream (one sample of a request): its tokens, its sampler state, how many of its tokens have KV in
+the cache, and its block table."""
 
 import enum
+
+from server.engine.sampler_state import SamplingState
+from server.engine.sampling_params import SamplingParams
 
 
 class SequenceStatus(enum.Enum):
@@ -21,14 +25,17 @@ class Sequence:
     __slots__ = (
         "arrival_time",
         "block_table",
-        "data",
         "first_scheduled_time",
+        "first_token_time",
+        "index",
+        "last_token_time",
         "max_tokens",
         "num_cached_tokens",
         "num_computed_tokens",
         "num_preemptions",
         "num_prompt_tokens",
         "request_id",
+        "sampling",
         "seq_id",
         "skip_reading_prefix_cache",
         "status",
@@ -42,7 +49,8 @@ class Sequence:
         prompt_token_ids: list[int],
         max_tokens: int,
         arrival_time: float,
-        data: object = None,
+        sampling: SamplingState | None = None,
+        index: int = 0,
     ) -> None:
         assert len(prompt_token_ids) > 0, f"seq {seq_id}: empty prompt"
         assert max_tokens >= 0, f"seq {seq_id}: max_tokens={max_tokens} < 0"
@@ -62,7 +70,17 @@ class Sequence:
         # Set while the prompt's own logits are needed (prompt logprobs): every prompt token is computed, none is
         # read from the prefix cache (its blocks are still published for others).
         self.skip_reading_prefix_cache = False
-        self.data = data
+        # How to pick its tokens (params, seeded generator, counts for the penalties, grammar); plain sampling with
+        # these max_tokens when not given (the scheduler's tests).
+        self.sampling = sampling or SamplingState(SamplingParams(max_tokens=max_tokens), prompt_token_ids)
+        self.index = index  # which of its request's n samples
+        self.first_token_time: float | None = None
+        self.last_token_time: float | None = None
+
+    @property
+    def params(self) -> SamplingParams:
+        """The sampling parameters of this sample."""
+        return self.sampling.params
 
     @property
     def num_tokens(self) -> int:
@@ -73,11 +91,6 @@ class Sequence:
     def num_generated_tokens(self) -> int:
         """Tokens appended after the prompt."""
         return len(self.token_ids) - self.num_prompt_tokens
-
-    @property
-    def last_token_id(self) -> int:
-        """The newest token (the next decode step's input)."""
-        return self.token_ids[-1]
 
     @property
     def prompt_token_ids(self) -> list[int]:
@@ -104,14 +117,10 @@ class Sequence:
         """
         return self.num_computed_tokens < len(self.token_ids) - 1
 
-    @property
-    def is_finished(self) -> bool:
-        """Whether the scheduler has retired this sequence."""
-        return self.status is SequenceStatus.FINISHED
-
     def append_token(self, token_id: int) -> None:
-        """Append a sampled token; its KV is computed by the next step."""
+        """Append a sampled token (its KV is computed by the next step) and record it for the sampler."""
         self.token_ids.append(token_id)
+        self.sampling.append_token(token_id)
 
     def __repr__(self) -> str:
         return (

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import cast
 
-from server.engine.engine import SequenceOutput
+from server.engine.outputs import SequenceOutput
 from server.engine.sampler_state import PromptLogprob
 from server.openai.protocol import FinishReason
 from server.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer

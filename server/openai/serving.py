@@ -12,8 +12,9 @@ from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
 
-from server.engine.engine import Engine, EngineDeadError, RequestStream, SequenceOutput
+from server.engine.engine import Engine, EngineDeadError
 from server.engine.grammar import CompiledGrammar, GrammarCompiler, GrammarError, GrammarSpec
+from server.engine.outputs import RequestStream, SequenceOutput
 from server.engine.sampling_params import SamplingParams
 from server.openai.choice import ChoiceBuilder, TokenLogprob
 from server.openai.protocol import (

@@ -17,8 +17,9 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from server.engine.engine import Engine, RequestStream
+from server.engine.engine import Engine
 from server.engine.grammar import GrammarCompiler
+from server.engine.outputs import RequestStream
 from server.engine.sampling_params import SamplingParams
 from server.openai.choice import ChoiceBuilder
 from server.openai.protocol import chat_template_input

@@ -116,8 +116,11 @@ def test_slow_reader_does_not_slow_others_and_is_coalesced(tiny_checkpoint: Path
                 nonlocal pending_max
                 while not stop_sampling.is_set():
                     for seq in list(server.engine.scheduler.running):
-                        pending = seq.data.stream._pending  # type: ignore[attr-defined]
-                        assert len(pending) <= seq.data.stream.n  # type: ignore[attr-defined]
+                        stream = server.engine._streams.get(seq.seq_id)
+                        if stream is None:
+                            continue  # finished since the list was taken
+                        pending = stream._pending
+                        assert len(pending) <= stream.n
                         pending_max = max(pending_max, sum(len(o.token_ids) for o in list(pending.values())))
                     time.sleep(0.02)
             sampler = threading.Thread(target=sample_pending)

@@ -9,8 +9,9 @@ import torch
 
 from model import PagedLatentCache, load_model
 from server.engine.cuda_graphs import DecodeGraphRunner
-from server.engine.engine import Engine, SequenceOutput
+from server.engine.engine import Engine
 from server.engine.model_runner import ModelRunner
+from server.engine.outputs import SequenceOutput
 from server.engine.sampler import Sampler
 from server.engine.sampling_params import SamplingParams
 from server.engine.scheduler import SchedulerConfig

@@ -6,6 +6,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.metrics import FINISH_REASONS, ServerMetrics
+from tests.server.metrics_utils import finished_stats, step_stats
 
 
 def _samples(metrics: ServerMetrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -32,11 +33,11 @@ def test_fresh_instance_exports_zeroes_for_every_finish_reason() -> None:
 
 def test_observe_step_sets_gauges_and_accumulates_expert_counts() -> None:
     m = ServerMetrics()
-    m.observe_step(num_tokens=40, num_running=3, num_waiting=2, kv_usage=0.25,
-                   expert_counts=[[1, 0, 5], [2, 2, 2]])
-    m.observe_step(num_tokens=3, num_running=3, num_waiting=0, kv_usage=1.7,
-                   expert_counts=[[0, 4, 1], [0, 0, 1]])
-    m.observe_step(num_tokens=0, num_running=0, num_waiting=0, kv_usage=0.5, expert_counts=None)
+    m.record_step(step_stats(num_tokens=40, num_running=3, num_waiting=2, kv_usage=0.25,
+                   expert_counts=[[1, 0, 5], [2, 2, 2]]))
+    m.record_step(step_stats(num_tokens=3, num_running=3, num_waiting=0, kv_usage=1.7,
+                   expert_counts=[[0, 4, 1], [0, 0, 1]]))
+    m.record_step(step_stats(num_tokens=0, num_running=0, num_waiting=0, kv_usage=0.5, expert_counts=None))
     s = _samples(m)
     assert _value(s, "customllm_num_requests_running") == 0
     assert _value(s, "customllm_num_requests_waiting") == 0
@@ -52,17 +53,17 @@ def test_observe_step_sets_gauges_and_accumulates_expert_counts() -> None:
 
 def test_kv_usage_is_clamped_to_unit_interval() -> None:
     m = ServerMetrics()
-    m.observe_step(1, 1, 0, 1.7)
+    m.record_step(step_stats(1, 1, 0, 1.7))
     assert _value(_samples(m), "customllm_kv_cache_usage_ratio") == 1.0
-    m.observe_step(1, 1, 0, -0.1)
+    m.record_step(step_stats(1, 1, 0, -0.1))
     assert _value(_samples(m), "customllm_kv_cache_usage_ratio") == 0.0
 
 
 def test_expert_counts_of_growing_shape_are_added_not_lost() -> None:
     m = ServerMetrics()
-    m.observe_step(1, 1, 0, 0.0, [[1]])
-    m.observe_step(1, 1, 0, 0.0, [[1, 2], [3, 4]])
-    m.observe_step(1, 1, 0, 0.0, [[1]])
+    m.record_step(step_stats(1, 1, 0, 0.0, [[1]]))
+    m.record_step(step_stats(1, 1, 0, 0.0, [[1, 2], [3, 4]]))
+    m.record_step(step_stats(1, 1, 0, 0.0, [[1]]))
     s = _samples(m)
     assert _value(s, "customllm_moe_expert_tokens_total", layer="0", expert="0") == 3
     assert _value(s, "customllm_moe_expert_tokens_total", layer="0", expert="1") == 2
@@ -71,10 +72,10 @@ def test_expert_counts_of_growing_shape_are_added_not_lost() -> None:
 
 def test_request_finished_counts_tokens_and_latencies() -> None:
     m = ServerMetrics()
-    m.observe_request_finished("stop", prompt_tokens=7, generation_tokens=11, queue_time=0.002, ttft=0.04,
-                               e2e=1.5)
-    m.observe_request_finished("length", 3, 16, queue_time=0.5, ttft=0.6, e2e=2.0)
-    m.observe_request_finished("abort", 5, 0, queue_time=None, ttft=None, e2e=0.3)
+    m.record_finished(finished_stats("stop", prompt_tokens=7, generation_tokens=11, queue_time=0.002, ttft=0.04,
+                               e2e=1.5))
+    m.record_finished(finished_stats("length", 3, 16, queue_time=0.5, ttft=0.6, e2e=2.0))
+    m.record_finished(finished_stats("abort", 5, 0, queue_time=None, ttft=None, e2e=0.3))
     s = _samples(m)
     assert _value(s, "customllm_prompt_tokens_total") == 15
     assert _value(s, "customllm_generation_tokens_total") == 27
@@ -93,17 +94,17 @@ def test_request_finished_counts_tokens_and_latencies() -> None:
 
 def test_unknown_finish_reason_is_rejected() -> None:
     with pytest.raises(ValueError, match="finish_reason"):
-        ServerMetrics().observe_request_finished("eos", 1, 1, 0.0, 0.0, 0.0)
+        ServerMetrics().record_finished(finished_stats("eos", 1, 1, 0.0, 0.0, 0.0))
 
 
 def test_token_latency_preemptions_prefix_cache_and_http() -> None:
     m = ServerMetrics()
     for gap in (0.01, 0.02, 0.03):
         m.observe_token_latency(gap)
-    m.add_preemptions(2)
-    m.add_preemptions(0)
-    m.add_prefix_cache(queries=64, hits=48)
-    m.add_prefix_cache(queries=16, hits=0)
+    m.record_step(step_stats(preemptions=2))
+    m.record_step(step_stats(preemptions=0))
+    m.record_step(step_stats(prefix_queries=64, prefix_hits=48))
+    m.record_step(step_stats(prefix_queries=16, prefix_hits=0))
     m.observe_http("/v1/completions", 200)
     m.observe_http("/v1/completions", 200)
     m.observe_http("/v1/completions", 400)
@@ -134,8 +135,8 @@ def test_info_and_kv_cache_info() -> None:
 
 def test_two_instances_do_not_share_state() -> None:
     a, b = ServerMetrics(), ServerMetrics()
-    a.observe_request_finished("stop", 1, 5, 0.0, 0.1, 0.2)
-    a.observe_step(5, 1, 0, 0.1, [[5]])
+    a.record_finished(finished_stats("stop", 1, 5, 0.0, 0.1, 0.2))
+    a.record_step(step_stats(5, 1, 0, 0.1, [[5]]))
     sa, sb = _samples(a), _samples(b)
     assert _value(sa, "customllm_generation_tokens_total") == 5
     assert _value(sb, "customllm_generation_tokens_total") == 0

@@ -6,6 +6,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from server.metrics import ServerMetrics
 from server.metrics_vllm import ALIASES
+from tests.server.metrics_utils import finished_stats, step_stats
 
 
 def _families(metrics: ServerMetrics) -> dict:
@@ -14,12 +15,11 @@ def _families(metrics: ServerMetrics) -> dict:
 
 
 def _record_some(m: ServerMetrics) -> None:
-    m.observe_step(num_tokens=12, num_running=3, num_waiting=5, kv_usage=0.375)
-    m.add_prefix_cache(queries=64, hits=48)
-    m.observe_request_finished("stop", 10, 4, 0.01, 0.2, 1.5)
-    m.observe_request_finished("length", 7, 16, None, None, 0.3)
+    m.record_step(step_stats(num_tokens=12, num_running=3, num_waiting=5, kv_usage=0.375, preemptions=2,
+                             prefix_queries=64, prefix_hits=48))
+    m.record_finished(finished_stats("stop", 10, 4, 0.01, 0.2, 1.5))
+    m.record_finished(finished_stats("length", 7, 16, None, None, 0.3))
     m.observe_token_latency(0.04)
-    m.add_preemptions(2)
 
 
 def test_every_alias_has_the_values_and_type_of_its_source() -> None:
