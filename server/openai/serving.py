@@ -24,7 +24,9 @@ from server.openai.protocol import (
     FieldError,
     GrammarRequest,
     SamplingExtras,
+    StreamOptions,
     TopLogprob,
+    UsageInfo,
 )
 from server.tokenizer import Tokenizer
 
@@ -256,6 +258,22 @@ def raise_if_failed(builders: list[ChoiceBuilder]) -> None:
     if any(b.finish_reason == "error" for b in builders):
         raise APIError(500, "the model failed while generating this request; it was not completed",
                        "InternalServerError")
+
+
+def stream_chunks(options: StreamOptions | None, usage: Callable[[], UsageInfo], make: Callable[..., BaseModel],
+                  ) -> tuple[Callable[..., str], Callable[[], str] | None]:
+    """stream_options as two renderers: an SSE chunk of the given choices (`make(choices=..., usage=..., **more)`),
+    with the usage so far under continuous_usage_stats, and the closing chunk of include_usage (no choices, the
+    usage), None without it."""
+    continuous = bool(options and options.continuous_usage_stats)
+
+    def chunk(choices: list[Any], **more: Any) -> str:
+        return sse(make(choices=choices, usage=usage() if continuous else None, **more))
+
+    def closing() -> str:
+        return sse(make(choices=[], usage=usage()))
+
+    return chunk, closing if options and options.include_usage else None
 
 
 def sse_response(outputs: AsyncIterator[tuple[ChoiceBuilder, str, SequenceOutput]], builders: list[ChoiceBuilder],

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from functools import partial
 from typing import Any
 
 from fastapi import Request
@@ -39,8 +40,8 @@ from server.openai.serving import (
     ServingLimits,
     check_unicode,
     drain,
-    sse,
     sse_response,
+    stream_chunks,
 )
 from server.openai.tool_parsers import HermesToolParser, parse_tool_calls, tool_calls_grammar
 from server.tokenizer import Tokenizer
@@ -139,13 +140,12 @@ class OpenAIServingChat(OpenAIServing):
                                                            prompt_token_ids=prompt_ids).model_dump())
             return await self._respond(request, body)
 
-        continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
         parsers = {b.index: HermesToolParser(forced, req.parallel_tool_calls) for b in builders} if tools else {}
+        chunks, closing = stream_chunks(req.stream_options, usage,
+                                        partial(ChatCompletionChunk, id=request_id, created=created, model=model))
 
         def chunk(choice: ChatCompletionStreamChoice, first: bool = False) -> str:
-            return sse(ChatCompletionChunk(id=request_id, created=created, model=model, choices=[choice],
-                                            usage=usage() if continuous else None,
-                                            prompt_token_ids=prompt_ids if first else None))
+            return chunks([choice], prompt_token_ids=prompt_ids if first else None)
 
         def delta(builder: ChoiceBuilder, text: str, logprobs_from: int) -> str:
             lp = logprobs_of(builder, logprobs_from)
@@ -164,9 +164,4 @@ class OpenAIServingChat(OpenAIServing):
         # Each choice's opening chunk carries the prompt's ids (as vLLM's role chunks do).
         opening = [chunk(ChatCompletionStreamChoice(index=b.index, delta=DeltaMessage(role="assistant", content="")),
                          first=True) for b in builders]
-        closing = None
-        if req.stream_options and req.stream_options.include_usage:
-            def closing() -> str:
-                return sse(ChatCompletionChunk(id=request_id, created=created, model=model, choices=[],
-                                                usage=usage()))
         return sse_response(outputs, builders, opening, delta, closing)

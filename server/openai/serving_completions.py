@@ -5,12 +5,12 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator
+from functools import partial
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from server.openai.choice import ChoiceBuilder
-from server.openai.prompt_logprobs import echo_logprobs, top_dict, vllm_prompt_logprobs
 from server.openai.protocol import (
     CompletionChoice,
     CompletionLogprobs,
@@ -29,7 +29,9 @@ from server.openai.serving import (
     drain,
     sse,
     sse_response,
+    stream_chunks,
 )
+from server.vllm.prompt_logprobs import echo_logprobs, top_dict, vllm_prompt_logprobs
 
 
 class OpenAIServingCompletion(OpenAIServing):
@@ -120,11 +122,11 @@ class OpenAIServingCompletion(OpenAIServing):
                                                        choices=choices, usage=usage()).model_dump())
             return await self._respond(request, body)
 
-        continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
+        chunks, closing = stream_chunks(req.stream_options, usage, partial(CompletionStreamResponse, id=request_id,
+                                                                           created=created, model=model))
 
         def chunk(choice: CompletionChoice) -> str:
-            return sse(CompletionStreamResponse(id=request_id, created=created, model=model, choices=[choice],
-                                                 usage=usage() if continuous else None))
+            return chunks([choice])
 
         # With prompt logprobs to send, the echoed prompt waits for them: it leads the choice's first chunk.
         echo_first = req.echo and params.prompt_logprobs is not None
@@ -143,11 +145,6 @@ class OpenAIServingCompletion(OpenAIServing):
         opening = [chunk(CompletionChoice(index=b.index, text=prompts[b.index // req.n].text,
                                           prompt_token_ids=prompt_ids(b.index)))
                    for b in builders] if req.echo and not echo_first else []
-        closing = None
-        if req.stream_options and req.stream_options.include_usage:
-            def closing() -> str:
-                return sse(CompletionStreamResponse(id=request_id, created=created, model=model, choices=[],
-                                                     usage=usage()))
         return sse_response(outputs, builders, opening, delta, closing)
 
     def _echo_only(self, req: CompletionRequest, prompts: list[Prompt], request_id: str, created: int) -> Response:
@@ -161,13 +158,9 @@ class OpenAIServingCompletion(OpenAIServing):
         if not req.stream:
             return JSONResponse(CompletionResponse(id=request_id, created=created, model=model, choices=choices,
                                                    usage=usage).model_dump())
-        continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
-        events = [sse(CompletionStreamResponse(id=request_id, created=created, model=model, choices=[c],
-                                               usage=usage if continuous else None)) for c in choices]
-        if req.stream_options and req.stream_options.include_usage:
-            events.append(sse(CompletionStreamResponse(id=request_id, created=created, model=model, choices=[],
-                                                       usage=usage)))
-        events.append(sse("[DONE]"))
+        chunk, closing = stream_chunks(req.stream_options, lambda: usage, partial(
+            CompletionStreamResponse, id=request_id, created=created, model=model))
+        events = [chunk([c]) for c in choices] + ([closing()] if closing else []) + [sse("[DONE]")]
 
         async def body() -> AsyncIterator[str]:
             for event in events:
