@@ -18,7 +18,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from server.engine.stats import FinishedStats, SchedulerStats
-from server.metrics_vllm import VllmAliasCollector
+from server.vllm.metrics_aliases import VllmAliasCollector
 
 FINISH_REASONS = ("stop", "length", "abort", "error")
 

@@ -5,8 +5,8 @@ inputs that Hypothesis generates from a fixed seed. Each response is checked: no
 `{"error": {"message", "type", "param", "code"}}` body, no error body shows a traceback or a file path; at
 the end /health must still answer 200 and the engine must be idle (no running request, no cache block held).
 
-  python bench/fuzz.py --url http://127.0.0.1:8000 --max-cases 5000 --max-seconds 900
-  python bench/fuzz.py --start-server --max-cases 2000          # a tiny random model on a free port
+  python tools/fuzz.py --url http://127.0.0.1:8000 --max-cases 5000 --max-seconds 900
+  python tools/fuzz.py --start-server --max-cases 2000          # a tiny random model on a free port
 
 tests/reliability/test_fuzz.py runs a bounded version of `run_fuzz` in the test suite.
 """
@@ -26,7 +26,7 @@ from typing import Any
 import httpx
 import requests
 
-# Run as `python bench/fuzz.py`, sys.path starts at bench/: put the repository root first.
+# Run as `python tools/fuzz.py`, sys.path starts at tools/: put the repository root first.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 # Strings that would mean an error body leaks implementation details.

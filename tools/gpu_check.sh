@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared check for a lent GPU machine; ends well inside 10 minutes (every part has its own time limit).
 #
-#   bash bench/gpu_check.sh RESULTS_DIR [--device cpu]
+#   bash tools/gpu_check.sh RESULTS_DIR [--device cpu]
 #
 # Parts (each writes RESULTS_DIR/<part>.json and its log RESULTS_DIR/<part>.log):
 #   a) tests      the model, kernel and engine tests, with CUDA visible (GPU-only tests run, Triton on the GPU)
@@ -13,12 +13,12 @@
 # A summary is printed last. --device cpu is the dry run: a tiny model, every part in seconds (checks the plumbing).
 #
 # The GPU machine has torch (CUDA), Triton and Python 3.12 but not the web stack: the wheels come from
-# bench/gpu/wheels/ (bench/gpu/fetch_wheels.sh fills it on a machine with PyPI; the device tool carries it:
-# carry ["bench/gpu/wheels"]). They are installed with --no-index into a private folder on PYTHONPATH, so nothing
+# tools/gpu/wheels/ (tools/gpu/fetch_wheels.sh fills it on a machine with PyPI; the device tool carries it:
+# carry ["tools/gpu/wheels"]). They are installed with --no-index into a private folder on PYTHONPATH, so nothing
 # of the machine's own Python changes. No weights travel: the model is drawn from a seed on the host.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-RESULTS=${1:?usage: bench/gpu_check.sh RESULTS_DIR [--device cpu]}
+RESULTS=${1:?usage: tools/gpu_check.sh RESULTS_DIR [--device cpu]}
 DEVICE=cuda
 if [ "${2:-}" = "--device" ]; then DEVICE=${3:?--device needs cpu or cuda}; fi
 mkdir -p "$RESULTS"
@@ -40,17 +40,17 @@ print(" ".join(n for n in names if importlib.util.find_spec(n) is None))
 EOF
 )
 if [ -n "$missing" ]; then
-    if [ ! -d bench/gpu/wheels ]; then
-        echo "gpu_check: missing $missing and no bench/gpu/wheels/; run bench/gpu/fetch_wheels.sh and carry it" >&2
+    if [ ! -d tools/gpu/wheels ]; then
+        echo "gpu_check: missing $missing and no tools/gpu/wheels/; run tools/gpu/fetch_wheels.sh and carry it" >&2
         exit 2
     fi
-    log "installing from bench/gpu/wheels: $missing"
-    if ! "$PY" -m pip install -q --no-index --find-links bench/gpu/wheels --target "$DEPS" \
-            -r bench/gpu/requirements.txt > "$RESULTS/pip.log" 2>&1; then
+    log "installing from tools/gpu/wheels: $missing"
+    if ! "$PY" -m pip install -q --no-index --find-links tools/gpu/wheels --target "$DEPS" \
+            -r tools/gpu/requirements.txt > "$RESULTS/pip.log" 2>&1; then
         # No pip (or it failed): a wheel is a zip of the installed files, so unpacking every one is an install
         # without console scripts, which nothing here needs.
         log "pip install failed (see pip.log); unpacking the wheels into $DEPS"
-        for wheel in bench/gpu/wheels/*.whl; do "$PY" -m zipfile -e "$wheel" "$DEPS" || exit 2; done
+        for wheel in tools/gpu/wheels/*.whl; do "$PY" -m zipfile -e "$wheel" "$DEPS" || exit 2; done
     fi
 fi
 export PYTHONPATH="$PWD${DEPS:+:$DEPS}"
@@ -97,9 +97,9 @@ run_part tests 100 "$PY" -m pytest -q -rfE -p no:cacheprovider "${GPU_TESTS[@]}"
 run_part tests_rest 80 "$PY" -m pytest -q -rfE -p no:cacheprovider tests/model tests/server/engine \
     "${GPU_TESTS[@]/#/--ignore=}" --junitxml="$RESULTS/tests_rest.xml"
 # b) c) d)
-run_part equivalence 70 "$PY" bench/gpu/check.py equivalence --out "$RESULTS" --device "$DEVICE" "${TINY[@]}"
-run_part graphs 70 "$PY" bench/gpu/check.py graphs --out "$RESULTS" --device "$DEVICE" "${TINY[@]}"
-run_part engine 130 "$PY" bench/gpu/check.py engine --out "$RESULTS" --device "$DEVICE" "${TINY[@]}"
+run_part equivalence 70 "$PY" tools/gpu/check.py equivalence --out "$RESULTS" --device "$DEVICE" "${TINY[@]}"
+run_part graphs 70 "$PY" tools/gpu/check.py graphs --out "$RESULTS" --device "$DEVICE" "${TINY[@]}"
+run_part engine 130 "$PY" tools/gpu/check.py engine --out "$RESULTS" --device "$DEVICE" "${TINY[@]}"
 
 # e) serving over HTTP: the real server on loopback, bench/serve.py at c=1 and c=256.
 serve() {

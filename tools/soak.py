@@ -12,8 +12,8 @@ a few chunks, non-streaming requests abandoned after a random delay). Afterwards
   - seeded and greedy requests replayed at the end (non-streaming) give identical text. Exact in float32; a bf16
     server rounds a prompt that load split across steps (chunked prefill) differently, so a replay may differ.
 
-  python bench/soak.py --url http://127.0.0.1:8000 --pid $(pgrep -f customllm-server) --duration 600
-  python bench/soak.py --start-server --duration 600       # a tiny random model on a free port
+  python tools/soak.py --url http://127.0.0.1:8000 --pid $(pgrep -f customllm-server) --duration 600
+  python tools/soak.py --start-server --duration 600       # a tiny random model on a free port
 
 tests/reliability/test_soak.py runs a short version of `run_soak` against an in-process server.
 """
@@ -32,7 +32,7 @@ from typing import Any
 
 import httpx
 
-# Run as `python bench/soak.py`, sys.path starts at bench/: put the repository root first.
+# Run as `python tools/soak.py`, sys.path starts at tools/: put the repository root first.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 WORDS = ("the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven", "wizards", "quietly",

@@ -38,10 +38,10 @@ from server.openai.protocol import (
 from server.openai.serving import APIError, ServingLimits
 from server.openai.serving_chat import OpenAIServingChat
 from server.openai.serving_completions import OpenAIServingCompletion
-from server.openai.serving_render import OpenAIServingRender
 from server.openai.serving_responses import OpenAIServingResponses
 from server.openai.serving_tokenization import OpenAIServingTokenization
 from server.tokenizer import Tokenizer
+from server.vllm.render import OpenAIServingRender
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""CUDA-only checks (skipped without a GPU; bench/gpu_check.sh runs them on a lent one): the tiny model on CUDA
+"""CUDA-only checks (skipped without a GPU; tools/gpu_check.sh runs them on a lent one): the tiny model on CUDA
 against CPU, the decode graph replay against the same static path run eagerly, the engine with graphs."""
 
 from __future__ import annotations

@@ -1,12 +1,12 @@
-"""Schema-driven fuzzing (schemathesis) of a live tiny server: a bounded, seeded run of bench/fuzz.py's checks."""
+"""Schema-driven fuzzing (schemathesis) of a live tiny server: a bounded, seeded run of tools/fuzz.py's checks."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from bench.fuzz import run_fuzz
 from server.openai.api import ServerSettings
 from tests.server.live import live_server
+from tools.fuzz import run_fuzz
 
 CASES = 300
 OPERATIONS = {"POST /v1/completions", "POST /v1/chat/completions", "POST /v1/responses", "POST /v1/completions/render",

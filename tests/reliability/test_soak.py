@@ -1,12 +1,12 @@
-"""A short soak (bench/soak.py's run_soak) against an in-process tiny server, with all of the soak's checks."""
+"""A short soak (tools/soak.py's run_soak) against an in-process tiny server, with all of the soak's checks."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from bench.soak import SoakConfig, run_soak
 from tests.server.live import live_server
+from tools.soak import SoakConfig, run_soak
 
 DURATION = 35.0
 

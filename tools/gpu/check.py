@@ -1,10 +1,10 @@
-"""The GPU check's measurements (run by bench/gpu_check.sh; each part writes one JSON file into --out).
+"""The GPU check's measurements (run by tools/gpu_check.sh; each part writes one JSON file into --out).
 
   equivalence  CPU float32 reference against device bfloat16, teacher-forced logits (prefill chunk + decode steps)
   graphs       decode through CUDA graph replay against the same static path run eagerly, and against unpadded eager
   engine       decode-step timings at several batch sizes, graphs on and off; the 256-sequence nano-vllm shape
 
-Usage: python bench/gpu/check.py PART --out DIR [--device cuda|cpu] [--tiny]
+Usage: python tools/gpu/check.py PART --out DIR [--device cuda|cpu] [--tiny]
 --tiny (with --device cpu: the dry run) swaps the seed model for a small one so every part runs in seconds.
 Random weights from a seed, drawn on the host (the same values on every device and dtype): nothing to download.
 """

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Run on a machine with PyPI access, before a GPU check: downloads bench/gpu/requirements.txt and every dependency
-# as Python 3.12 x86_64 manylinux wheels into bench/gpu/wheels/ (git-ignored), which gpu_check.sh installs from
-# with --no-index. Then carry it: the device tool's `carry: ["bench/gpu/wheels"]`.
+# Run on a machine with PyPI access, before a GPU check: downloads tools/gpu/requirements.txt and every dependency
+# as Python 3.12 x86_64 manylinux wheels into tools/gpu/wheels/ (git-ignored), which gpu_check.sh installs from
+# with --no-index. Then carry it: the device tool's `carry: ["tools/gpu/wheels"]`.
 set -euo pipefail
 cd "$(dirname "$0")"
 PIP=${PIP:-pip}

@@ -231,7 +231,7 @@ def test_metrics_parse_and_every_metric_is_present(server: LiveServer, http: htt
     names = {s.name for f in families for s in f.samples}
     missing = [n for n in REQUIRED_SAMPLES if n not in names]
     assert not missing, missing
-    # Our own names, and vLLM's names of the same values (server/metrics_vllm.py) for routers and autoscalers.
+    # Our own names, and vLLM's names of the same values (server/vllm/metrics_aliases.py) for routers and autoscalers.
     assert all(f.name.startswith(("customllm_", "vllm:")) for f in families), [f.name for f in families]
     snapshot = samples(server)
     for reason in ("stop", "length", "abort", "error"):

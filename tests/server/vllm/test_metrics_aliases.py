@@ -5,7 +5,7 @@ from __future__ import annotations
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.metrics import ServerMetrics
-from server.metrics_vllm import ALIASES
+from server.vllm.metrics_aliases import ALIASES
 from tests.server.metrics_utils import finished_stats, step_stats
 
 
