@@ -78,8 +78,8 @@ def apply_penalties(
         p_toks = torch.cat(prompt_ids)
         in_prompt[to_device(p_rows, torch.long, dev), to_device(p_toks, torch.long, dev)] = True
         # Past 1e20 either way the penalty alone orders a seen token against the rest, as the exact value would;
-        # clamped, the penalised logits stay finite in float32 also after the smallest temperature (a seen
-        # token's logit over 1e-38 used to overflow to inf, and the pick among infinities was arbitrary).
+        # clamped, the penalised logits stay finite in float32 also after the smallest temperature (an inf would
+        # tie with every other inf, and the pick among them would be arbitrary).
         rep = to_device([min(max(s.params.repetition_penalty, _REP_MIN), 1 / _REP_MIN) for s in pen],
                         torch.float32, dev)[:, None]
         penalised = torch.where(sub > 0, sub / rep, sub * rep)

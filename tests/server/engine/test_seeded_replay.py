@@ -1,6 +1,6 @@
 """Issue 19.1: seeded requests replayed solo, batched, after prefix-cache hits, under preemption and with the
 prompt split into other chunks, on a model with the real 49,152-token vocabulary (where last-bit logit noise
-used to move the draw). README "Seeds" states what holds. The draw's robustness to that noise is tested alone in
+used to move the draw). docs/api.md "Seeds" states what holds. The draw's robustness to that noise is tested alone in
 test_sampling.py (test_seeded_draw_is_robust_to_last_bit_noise_in_the_logits)."""
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def test_float32_seeded_requests_replay_exactly_whatever_the_batch_cache_or_pree
 
 
 if __name__ == "__main__":
-    # The README's bf16 figures: python -m tests.server.engine.test_seeded_replay bfloat16 (not asserted in CI:
+    # docs/api.md's bf16 figures: python -m tests.server.engine.test_seeded_replay bfloat16 (not asserted in CI:
     # bf16 rounding depends on the CPU's kernels).
     import sys
 
