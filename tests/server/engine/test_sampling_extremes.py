@@ -24,7 +24,7 @@ def _reference(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     """The documented pipeline in float64 for one row [V]: logit_bias, penalties, temperature, top_k, top_p,
     min_p; filtered tokens are -inf. Greedy rows stop after the penalties."""
     x = logits.double().clone()
-    for t, b in p.logit_bias:  # type: ignore[misc]
+    for t, b in p.logit_bias:
         x[t] += b
     counts = torch.bincount(torch.tensor(OUTPUT), minlength=len(x)).double()
     seen = counts > 0
@@ -106,7 +106,7 @@ def test_extremes_equal_a_float64_reference(settings: dict[str, object], scale: 
     for seed in range(4):
         logits = _logits(seed, scale)
         for greedy in (False, True):
-            p = SamplingParams(seed=seed, **settings | ({"temperature": 0.0} if greedy else {}))  # type: ignore[arg-type]
+            p = SamplingParams(seed=seed, **settings | ({"temperature": 0.0} if greedy else {}))
             assert _sample(logits, p) == _reference_draw(logits, p), (seed, p)
             if not greedy:
                 assert torch.equal(_kept(logits, p), _reference(logits, p) > -math.inf), (seed, p)
@@ -127,7 +127,7 @@ def test_a_nucleus_keeps_the_top_token_whatever_top_p(top_p: float) -> None:
 ])
 def test_values_past_the_range_are_refused_naming_the_field(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=field):
-        SamplingParams(**{field: value})  # type: ignore[arg-type]
+        SamplingParams(**{field: value})
 
 
 def test_negative_seeds_draw_as_their_64_bit_twos_complement() -> None:

@@ -36,7 +36,7 @@ NEIGHBOURS: list[dict[str, object]] = [
 
 
 def _params(settings: dict[str, object]) -> SamplingParams:
-    return SamplingParams(max_tokens=64, **settings)  # type: ignore[arg-type]
+    return SamplingParams(max_tokens=64, **settings)
 
 
 def _settings(subset: frozenset[str]) -> dict[str, object]:
