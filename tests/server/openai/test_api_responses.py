@@ -13,8 +13,8 @@ import pytest
 
 from server.tokenizer import Tokenizer
 from tests.server.live import LiveServer
+from tests.server.openai.ops_helpers import idle, wait_for
 from tests.server.openai.responses_helpers import R, respond, stable, stream_events
-from tests.server.openai.test_api_ops import idle, wait_for
 from tests.server.sse import assert_error, iter_sse
 
 MAX_MODEL_LEN = 512  # the tiny checkpoint's max_position_embeddings
