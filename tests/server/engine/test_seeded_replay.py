@@ -1,7 +1,7 @@
 """Issue 19.1: seeded requests replayed solo, batched, after prefix-cache hits, under preemption and with the
 prompt split into other chunks, on a model with the real 49,152-token vocabulary (where last-bit logit noise
 used to move the draw). docs/api.md "Seeds" states what holds. The draw's robustness to that noise is tested alone in
-test_sampling.py (test_seeded_draw_is_robust_to_last_bit_noise_in_the_logits)."""
+test_sampler_draws.py (test_seeded_draw_is_robust_to_last_bit_noise_in_the_logits)."""
 
 from __future__ import annotations
 
