@@ -9,12 +9,24 @@ of --repeats runs: other work on a shared machine only ever slows a run down.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
-from model import AttentionMetadata, CustomLLM, ModelConfig, PagedLatentCache, load_model
+# Run as `python bench/model_step.py`, sys.path starts at bench/: put the repository root first.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from model import (
+    AttentionMetadata,
+    CustomLLM,
+    ModelConfig,
+    PagedLatentCache,
+    load_model,
+    select_backends,
+)
 
 BLOCK = 16
 
@@ -68,14 +80,13 @@ def prefill_step(model: CustomLLM, cache: PagedLatentCache, prompt: int) -> Call
     return step
 
 
-def load_seed_model(dtype: torch.dtype, backend: str = "auto") -> CustomLLM:
-    """The seed architecture with random weights, prepared for `backend`; prints the load time."""
+def load_seed_model(dtype: torch.dtype, backend: str = "auto", **others: str) -> CustomLLM:
+    """The seed architecture with random weights on linear `backend` (others: attention=, moe= names); prints the
+    load time."""
     start = time.perf_counter()
-    model = load_model(None, dtype=dtype, config=ModelConfig())
-    if backend != "auto":
-        model.prepare_for_inference(backend)
-    assert model.linear_backend is not None
-    print(f"  load (random init + prepare, backend {model.linear_backend.name}): "
+    backends = select_backends("cpu", dtype, linear=backend, **others)
+    model = load_model(None, dtype=dtype, config=ModelConfig(), backends=backends)
+    print(f"  load (random init + processing, backends {', '.join(c.backend.name for c in backends.choices)}): "
           f"{time.perf_counter() - start:.1f} s")
     return model
 
