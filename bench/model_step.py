@@ -27,6 +27,7 @@ from model import (
     load_model,
     select_backends,
 )
+from model.kv_cache import blocks_for
 
 BLOCK = 16
 
@@ -44,12 +45,12 @@ def best_time(fn: Callable[[], object], repeats: int) -> float:
 
 def make_cache(config: ModelConfig, dtype: torch.dtype, max_batch: int, context: int, prompt: int) -> PagedLatentCache:
     """A cache big enough for max_batch decode sequences of `context` tokens, or one prompt (block 0 unused)."""
-    num_blocks = max(max_batch * blocks_per_seq(context), -(-prompt // BLOCK)) + 1
+    num_blocks = max(max_batch * blocks_per_seq(context), blocks_for(prompt, BLOCK)) + 1
     return PagedLatentCache(config, num_blocks, BLOCK, dtype)
 
 
 def blocks_per_seq(context: int) -> int:
-    return -(-(context + 1) // BLOCK)
+    return blocks_for(context + 1, BLOCK)
 
 
 def decode_step(model: CustomLLM, cache: PagedLatentCache, batch: int, context: int) -> Callable[[], torch.Tensor]:
@@ -69,7 +70,7 @@ def decode_step(model: CustomLLM, cache: PagedLatentCache, batch: int, context: 
 
 def prefill_step(model: CustomLLM, cache: PagedLatentCache, prompt: int) -> Callable[[], torch.Tensor]:
     """One prefill of a `prompt`-token sequence, logits of its last token included."""
-    table = list(range(1, 1 + -(-prompt // BLOCK)))
+    table = list(range(1, 1 + blocks_for(prompt, BLOCK)))
     ids = torch.randint(0, model.config.vocab_size, (prompt,))
     pos = torch.arange(prompt)
 

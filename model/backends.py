@@ -18,11 +18,11 @@ from model.ops.quantized_linear import INT8_LINEAR, QUANTIZATIONS
 from model.ops.registry import BackendError, Choice, Target, select
 from model.ops.rms_norm import RMS_NORM, RMSNormBackend
 
-# flag -> the backend names it accepts (both linear ops for --linear-backend)
-BACKEND_FLAGS: dict[str, tuple[str, ...]] = {
-    "--linear-backend": ("auto", *LINEAR.names, *INT8_LINEAR.names),
-    "--attention-backend": ("auto", *MLA_DECODE.names),
-    "--moe-backend": ("auto", *MOE_EXPERTS.names),
+# flag -> (what it picks for, the backend names it accepts; both linear ops' for --linear-backend)
+BACKEND_FLAGS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "--linear-backend": ("the linear layers", ("auto", *LINEAR.names, *INT8_LINEAR.names)),
+    "--attention-backend": ("decode attention", ("auto", *MLA_DECODE.names)),
+    "--moe-backend": ("the MoE experts", ("auto", *MOE_EXPERTS.names)),
 }
 
 

@@ -80,10 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--quantization", default="none", choices=list(QUANTIZATIONS),
         help="int8 = int8 weight-only linears with per-output-channel scales (about half the weight memory "
              "and faster memory-bound decode on CPU; logits differ slightly from --dtype's, see README)")
-    for flag, names in BACKEND_FLAGS.items():
+    for flag, (op, names) in BACKEND_FLAGS.items():
         add(flag, default="auto", choices=list(names),
-            help="how this op runs (auto: the fastest that runs here and passes its self-check against the torch "
-                 "oracle; the start-up log prints the chosen backends); a named backend that cannot run is an error")
+            help=f"how {op} runs (auto: the first that runs here and passes its self-check against the torch "
+                 "oracle; the start-up log prints a table of the chosen backends); a named backend that cannot run "
+                 "is an error")
     add("--served-model-name", default="customllm", help="the model id clients send and /v1/models lists")
     add("--max-num-seqs", type=_positive_int, default=64, help="sequences running at once")
     add("--max-num-batched-tokens", type=_positive_int, default=512,

@@ -3,7 +3,8 @@
 Prebuild: python -m model.ops.extension build [--isa avx2,avx512,avx512-bf16 | --isa all] (model/ops/extension/).
 
 `load()` returns True once the ops are registered under `torch.ops.customllm`, False (logged) when this CPU
-lacks AVX2/FMA, no compiler is there or the build fails: every caller then keeps its plain torch path.
+lacks AVX2/FMA, no compiler is there or the build fails: the registry then passes over every backend that needs
+it (model/ops/registry.py).
 
 Builds are cached per ISA level, torch version and source hash under $CUSTOMLLM_EXTENSION_DIR (default
 ~/.cache/customllm/extension). A cached build is loaded without a compiler; a missing one is JIT-built
