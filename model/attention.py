@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,10 +30,10 @@ _PROJECTIONS = ("kv_proj_d", "q_proj_d", "k_proj_u", "v_proj_u", "q_proj_u", "ro
 class AttentionWeights:
     """What forward runs on, built once from the checkpoint's projections by `process_weights`."""
 
-    linear: LinearBackend
-    w_in: torch.Tensor  # [L + H*R + L, D]: kv_proj_d | rope_k | q_proj_d
-    w_q: torch.Tensor  # [H*Dh, L]: per head q_proj_u rows | rope_q rows
-    w_kv_up: torch.Tensor  # [H*N + H*Dh, L]: k_proj_u | v_proj_u (prefill decompression)
+    linear: LinearBackend  # w_in, w_q and w_kv_up are in its form (packed, int8, ...) of the shapes below
+    w_in: Any  # [L + H*R + L, D]: kv_proj_d | rope_k | q_proj_d
+    w_q: Any  # [H*Dh, L]: per head q_proj_u rows | rope_q rows
+    w_kv_up: Any  # [H*N + H*Dh, L]: k_proj_u | v_proj_u (prefill decompression)
     w_k: torch.Tensor  # [H, N, L]: k_proj_u per head (decode folds it into the query), in the decode dtype
     w_v_t: torch.Tensor  # [H, L, Dh]: v_proj_u per head, transposed (decode's absorbed value expansion)
     decode: MLADecodeBackend  # the latent mix of decode attention (model/ops/mla_decode.py)
