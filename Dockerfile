@@ -45,7 +45,7 @@ RUN pip install ./src && rm -rf ./src
 # x86 CPU it lands on, not only the build machine's; a CPU below AVX2 gets the torch paths (logged).
 # Only the libraries are kept, not the objects.
 ENV CUSTOMLLM_EXTENSION_DIR=/opt/customllm/extension
-RUN python -m model.ops.cpu_extension build --isa all \
+RUN python -m model.ops.extension build --isa all \
     && find "${CUSTOMLLM_EXTENSION_DIR}" -type f ! -name '*.so' -delete
 
 FROM base AS runtime

@@ -55,7 +55,7 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	# Build the CPU extension once up front, so no test's server start pays for the compile (it is cached).
-	$(BIN)/python -m model.ops.cpu_extension build || echo 'CPU extension not built: the tests run the torch paths'
+	$(BIN)/python -m model.ops.extension build || echo 'CPU extension not built: the tests run the torch paths'
 	$(BIN)/pytest -q -rs
 
 # Only the image tests (tests/image/): builds the image with podman (docker/podman/) or docker, runs it and the

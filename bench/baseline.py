@@ -22,34 +22,37 @@ import torch.nn.functional as F
 # Run as `python bench/baseline.py`, sys.path starts at bench/: put the repository root first.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from model import CustomLLM, load_model
-from model.layers import apply_rope_, rope_cos_sin
+from model import CustomLLM, load_checkpoint
+from model.layers import RMSNorm, apply_rope_, rope_cos_sin
+from model.moe import Expert, MoE
 
 
-def moe_masked(moe: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
+def moe_masked(moe: MoE, h: torch.Tensor) -> torch.Tensor:
     """The training code's MoE: shared experts on all tokens, then each routed expert on its masked tokens."""
-    def expert(w_gate_up: torch.Tensor, w_down: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, w_gate_up).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, w_down)
+    def expert(e: Expert, x: torch.Tensor) -> torch.Tensor:
+        return e.down_proj(F.silu(e.gate_proj(x)) * e.up_proj(x))
 
-    shared = moe.shared_experts
-    out = sum(expert(shared.gate_up[e], shared.down[e], h) for e in range(shared.num_experts))
-    out = out / shared.num_experts
-    weights, idx = moe.route(h)
+    out = sum(expert(e, h) for e in moe.shared_experts) / len(moe.shared_experts)
+    probs = torch.sigmoid((moe.router(h) + moe.routing_bias).float())  # [T, E]
+    weights, idx = probs.topk(moe.top_k, dim=-1)
+    weights = weights / weights.sum(dim=-1, keepdim=True)
     for e in range(moe.num_routed_experts):
         mask = idx == e  # [T, K]
         rows = mask.any(-1)
         if rows.any():
             w = (weights * mask).sum(-1, keepdim=True)[rows].to(h.dtype)
-            out[rows] += w * expert(moe.routed_experts.gate_up[e], moe.routed_experts.down[e], h[rows])
+            out[rows] += w * expert(moe.routed_experts[e], h[rows])
     return out
+
+
+def norm(layer: RMSNorm, x: torch.Tensor) -> torch.Tensor:
+    return layer.weight * F.rms_norm(x, (x.shape[-1],), eps=layer.eps)
 
 
 @torch.inference_mode()
 def generate(model: CustomLLM, prompt: list[int], max_new: int) -> list[int]:
-    """Greedy decoding with a per-layer [past, H, Dh] k/v cache that grows by concatenation, on the plain dense
-    weights of an unprepared model."""
-    assert model.linear_backend is None, "unprepare() the model first: the baseline runs on plain dense weights"
+    """Greedy decoding with a per-layer [past, H, Dh] k/v cache that grows by concatenation, on the checkpoint's
+    tensors as loaded (`load_checkpoint`: nothing processed)."""
     cfg = model.config
     h, n, r = cfg.num_attention_heads, cfg.nope_dim, cfg.rope_dim
     past: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * cfg.num_hidden_layers
@@ -62,7 +65,7 @@ def generate(model: CustomLLM, prompt: list[int], max_new: int) -> list[int]:
         cos, sin = rope_cos_sin(pos, r, cfg.rope_theta)
         for i, layer in enumerate(model.decoder_layers):
             a = layer.self_attn
-            hn = layer.input_norm(x)
+            hn = norm(layer.input_norm, x)
             c_kv, c_q = a.kv_proj_d(hn), a.q_proj_d(hn)
             k_rope, q_rope = a.rope_k(hn).view(-1, h, r), a.rope_q(c_q).view(-1, h, r)
             apply_rope_(k_rope, cos, sin)
@@ -77,10 +80,9 @@ def generate(model: CustomLLM, prompt: list[int], max_new: int) -> list[int]:
             scores = torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(cfg.head_dim)
             mask = torch.arange(k.shape[0])[None, :] <= pos[:, None]
             probs = scores.float().masked_fill(~mask, float("-inf")).softmax(-1).to(v.dtype)
-            x = x + a.o_proj(torch.einsum("hqk,khd->qhd", probs, v).reshape(len(ids), -1))
-            x = x + moe_masked(layer.mlp.moe, layer.post_attn_norm(x))
-        # lm_head as a plain layer: compute_logits would re-prepare the model for the server's fast path.
-        token = int(model.lm_head(x[-1:]).argmax())
+            x = x + F.linear(torch.einsum("hqk,khd->qhd", probs, v).reshape(len(ids), -1), a.o_proj.weight)
+            x = x + moe_masked(layer.mlp.moe, norm(layer.post_attn_norm, x))
+        token = int(F.linear(x[-1:], model.lm_head.weight, model.lm_head.bias).argmax())
         out.append(token)
         start += len(ids)
         ids = torch.tensor([token])
@@ -96,8 +98,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
-    model = load_model(args.model, dtype=getattr(torch, args.dtype))
-    model.unprepare()  # plain dense weights and F.linear, as a user's own generate() loop would have
+    model = load_checkpoint(args.model, dtype=getattr(torch, args.dtype))  # plain dense weights and F.linear
     rng = random.Random(0)
     prompts = [[rng.randrange(100, model.config.vocab_size) for _ in range(args.prompt_len)]
                for _ in range(args.requests)]

@@ -7,13 +7,12 @@ Variants: base = plain linear, torch MLA decode, torch experts (the paths before
 linear = the auto linear backend (the bf16 kernel where oneDNN has no bf16 GEMM); linear+mla = also the
 fused MLA decode kernel; all = also the fused MoE experts kernel. The variants alternate within each round
 and each figure is the best step over all rounds: a shared machine's drift hits every variant alike.
-Random weights; not a test.
+Each variant is its own model (weights are processed once per backend choice); random weights; not a test.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -24,26 +23,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.model_step import decode_step, load_seed_model, make_cache
-from model import CustomLLM, ModelConfig
-from model.attention import MultiHeadLatentAttention
-from model.model import DecoderLayer
-from model.ops.mla_decode import CppMLADecode, TorchMLADecode
-from model.ops.moe_experts import CppExperts, TorchExperts
+from model import ModelConfig
+from model.ops import cpu_extension
 
-
-def use(model: CustomLLM, linear: str, decode: TorchMLADecode, experts: TorchExperts) -> None:
-    """Re-prepare the model for `linear`, then swap in the decode and experts backends (bench only)."""
-    model.prepare_for_inference(linear)
-    for layer in model.decoder_layers:
-        assert isinstance(layer, DecoderLayer)
-        attn: MultiHeadLatentAttention = layer.self_attn
-        assert attn._prepared is not None
-        h, n, d, lat = attn.num_heads, attn.nope_dim, attn.head_dim, attn.latent_dim
-        compute = decode.compute_dtype(attn.k_proj_u.weight.dtype)
-        attn._prepared = dataclasses.replace(
-            attn._prepared, decode=decode, w_k=attn.k_proj_u.weight.view(h, n, lat).to(compute),
-            w_v_t=attn.v_proj_u.weight.view(h, d, lat).transpose(1, 2).to(compute).contiguous())
-        layer.mlp.moe._experts = experts
+# variant -> (linear, attention, moe) backend names
+VARIANTS = {
+    "base": ("plain", "torch", "torch"),
+    "linear": ("auto", "torch", "torch"),
+    "linear+mla": ("auto", "cpp", "torch"),
+    "all": ("auto", "cpp", "cpp"),
+}
 
 
 def main() -> None:
@@ -58,31 +47,25 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    from model.ops import cpu_extension
     if not cpu_extension.load():
         raise SystemExit("the CPU extension is not available here (see the log): nothing to compare")
-    table = {
-        "base": ("plain", TorchMLADecode(), TorchExperts()),
-        "linear": ("auto", TorchMLADecode(), TorchExperts()),
-        "linear+mla": ("auto", CppMLADecode(), TorchExperts()),
-        "all": ("auto", CppMLADecode(), CppExperts()),
-    }
     names = args.variants.split(",")
-    unknown = [n for n in names if n not in table]
+    unknown = [n for n in names if n not in VARIANTS]
     if unknown:
-        raise SystemExit(f"unknown variants {unknown}; expected some of {list(table)}")
+        raise SystemExit(f"unknown variants {unknown}; expected some of {list(VARIANTS)}")
     batches = [int(b) for b in args.batches.split(",")]
-    model = load_seed_model(dtype)
+    models = {name: load_seed_model(dtype, linear, attention=attention, moe=moe)
+              for name, (linear, attention, moe) in VARIANTS.items() if name in names}
     cache = make_cache(ModelConfig(), dtype, max(batches), args.context, prompt=0)
     print(f"{args.dtype} threads={torch.get_num_threads()} context={args.context}, best step of {args.rounds} "
           "alternating rounds x 2")
     for batch in batches:
-        step = decode_step(model, cache, batch, args.context)
+        steps = {name: decode_step(model, cache, batch, args.context) for name, model in models.items()}
         best = dict.fromkeys(names, float("inf"))
         for _ in range(args.rounds):
             for name in names:
-                use(model, *table[name])
-                step()  # warm-up after the swap
+                step = steps[name]
+                step()  # warm-up after the switch
                 for _ in range(2):
                     start = time.perf_counter()
                     step()

@@ -37,10 +37,10 @@ def write_tiny_checkpoint(directory: Path, seed: int = 0) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    from model import ModelConfig, load_model
+    from model import ModelConfig, load_checkpoint
 
     config = ModelConfig.from_dict(TINY_CONFIG)
-    model = load_model(None, dtype=torch.float32, config=config, seed=seed)
+    model = load_checkpoint(None, dtype=torch.float32, config=config, seed=seed)  # unprocessed: its state dict saves
     directory.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, directory / "model.safetensors")
     (directory / "config.json").write_text(json.dumps(config.to_dict()))

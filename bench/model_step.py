@@ -9,12 +9,25 @@ of --repeats runs: other work on a shared machine only ever slows a run down.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
-from model import AttentionMetadata, CustomLLM, ModelConfig, PagedLatentCache, load_model
+# Run as `python bench/model_step.py`, sys.path starts at bench/: put the repository root first.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from model import (
+    AttentionMetadata,
+    CustomLLM,
+    ModelConfig,
+    PagedLatentCache,
+    load_model,
+    select_backends,
+)
+from model.kv_cache import blocks_for
 
 BLOCK = 16
 
@@ -32,12 +45,12 @@ def best_time(fn: Callable[[], object], repeats: int) -> float:
 
 def make_cache(config: ModelConfig, dtype: torch.dtype, max_batch: int, context: int, prompt: int) -> PagedLatentCache:
     """A cache big enough for max_batch decode sequences of `context` tokens, or one prompt (block 0 unused)."""
-    num_blocks = max(max_batch * blocks_per_seq(context), -(-prompt // BLOCK)) + 1
+    num_blocks = max(max_batch * blocks_per_seq(context), blocks_for(prompt, BLOCK)) + 1
     return PagedLatentCache(config, num_blocks, BLOCK, dtype)
 
 
 def blocks_per_seq(context: int) -> int:
-    return -(-(context + 1) // BLOCK)
+    return blocks_for(context + 1, BLOCK)
 
 
 def decode_step(model: CustomLLM, cache: PagedLatentCache, batch: int, context: int) -> Callable[[], torch.Tensor]:
@@ -57,7 +70,7 @@ def decode_step(model: CustomLLM, cache: PagedLatentCache, batch: int, context: 
 
 def prefill_step(model: CustomLLM, cache: PagedLatentCache, prompt: int) -> Callable[[], torch.Tensor]:
     """One prefill of a `prompt`-token sequence, logits of its last token included."""
-    table = list(range(1, 1 + -(-prompt // BLOCK)))
+    table = list(range(1, 1 + blocks_for(prompt, BLOCK)))
     ids = torch.randint(0, model.config.vocab_size, (prompt,))
     pos = torch.arange(prompt)
 
@@ -68,14 +81,13 @@ def prefill_step(model: CustomLLM, cache: PagedLatentCache, prompt: int) -> Call
     return step
 
 
-def load_seed_model(dtype: torch.dtype, backend: str = "auto") -> CustomLLM:
-    """The seed architecture with random weights, prepared for `backend`; prints the load time."""
+def load_seed_model(dtype: torch.dtype, backend: str = "auto", **others: str) -> CustomLLM:
+    """The seed architecture with random weights on linear `backend` (others: attention=, moe= names); prints the
+    load time."""
     start = time.perf_counter()
-    model = load_model(None, dtype=dtype, config=ModelConfig())
-    if backend != "auto":
-        model.prepare_for_inference(backend)
-    assert model.linear_backend is not None
-    print(f"  load (random init + prepare, backend {model.linear_backend.name}): "
+    backends = select_backends("cpu", dtype, linear=backend, **others)
+    model = load_model(None, dtype=dtype, config=ModelConfig(), backends=backends)
+    print(f"  load (random init + processing, backends {', '.join(c.backend.name for c in backends.choices)}): "
           f"{time.perf_counter() - start:.1f} s")
     return model
 

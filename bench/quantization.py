@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.model_step import decode_step, make_cache
 from model import AttentionMetadata, CustomLLM, ModelConfig, PagedLatentCache
-from server.startup import load_quantized
+from server.startup import load_for_serving
 
 VARIANTS = (("float32", torch.float32, "none"), ("bfloat16", torch.bfloat16, "none"),
             ("bfloat16+int8", torch.bfloat16, "int8"))
@@ -56,10 +56,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logits: dict[str, torch.Tensor] = {}
     for name, dtype, quant in VARIANTS:
         start = time.perf_counter()
-        models[name] = load_quantized(None, dtype, torch.device("cpu"), 0, quant)
-        assert models[name].linear_backend is not None
+        models[name] = load_for_serving(None, dtype, torch.device("cpu"), 0, quant)
         logits[name] = prompt_logits(models[name], dtype, ids)
-        print(f"{name}: loaded on backend {models[name].linear_backend.name} in {time.perf_counter() - start:.1f} s",
+        print(f"{name}: loaded on backend {models[name].backends.linear.name} in {time.perf_counter() - start:.1f} s",
               flush=True)
     reference = logits["float32"]
     spread = reference.std().item()
@@ -100,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               + ", ".join(f"{n} {t * 1e3:.1f} ms ({base / t:.2f}x)" for n, t in row.items()), flush=True)
     report = {"prompt_len": args.prompt_len, "context": args.context, "logit_std_float32": spread,
               "logit_error_vs_float32": errors, "decode_step_s": speed,
-              "backends": {n: m.linear_backend.name for n, m in models.items() if m.linear_backend}}
+              "backends": {n: m.backends.linear.name for n, m in models.items() if m.backends}}
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     return report

@@ -33,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.model_step import best_time, decode_step, load_seed_model, make_cache
 from model import ModelConfig, PagedLatentCache
-from model.ops.linear import select_linear_backend
+from model.ops.linear import LINEAR
+from model.ops.registry import Target, select
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,9 +59,9 @@ def measure_gemm(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> floa
     20-100x slower than the extension's kernel, which would make the bound meaningless)."""
     a = torch.randn(size, size).to(dtype)
     b = torch.randn(size, size).to(dtype)
-    backend = select_linear_backend("cpu", dtype)
-    weight = backend.prepare(b)
-    candidates = [lambda: backend.linear(a, weight)]
+    backend = select(LINEAR, Target(torch.device("cpu"), dtype)).backend
+    weight = backend.process(b)
+    candidates = [lambda: backend.apply(a, weight)]
     # torch's own matmul as a second candidate only beside a packed backend: "plain" is that matmul already,
     # and cpp-bf16 runs exactly where torch's bfloat16 matmul is the slow reference path.
     if backend.name not in ("plain", "cpp-bf16"):

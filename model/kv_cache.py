@@ -7,6 +7,11 @@ import torch
 from model.config import ModelConfig
 
 
+def blocks_for(num_tokens: int, block_size: int) -> int:
+    """Blocks of `block_size` tokens that hold `num_tokens` (ceiling division)."""
+    return -(-num_tokens // block_size)
+
+
 class PagedLatentCache:
     """Fixed pool of cache blocks for every layer; block ids are handed out by the server's block manager."""
 
@@ -23,7 +28,3 @@ class PagedLatentCache:
     def bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
         """Cache bytes one token of context takes over all layers (34,560 for the seed model in bf16)."""
         return config.kv_entry_dim * config.num_hidden_layers * torch.finfo(dtype).bits // 8
-
-    @classmethod
-    def num_blocks_for_tokens(cls, num_tokens: int, block_size: int) -> int:
-        return -(-num_tokens // block_size)

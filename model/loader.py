@@ -2,8 +2,9 @@
 
 Accepted: a `.safetensors` file, a `.bin`/`.pt`/`.pth` file (torch.load with weights_only=True), a directory
 holding one of those (sharded safetensors or .bin with an index json too) and optionally `config.json`, or
-a training output directory whose newest `checkpoint-N/` holds them. Tensors are copied one at a time into a
-model allocated once in the target dtype, so loading never holds two copies of the weights.
+a training output directory whose newest `checkpoint-N/` holds them, or the tensors themselves (a mapping).
+Tensors are copied one at a time into a model allocated once in the target dtype, so loading never holds two
+copies of the weights. `load_model` picks the backends first, loads, then has each module process its weights.
 """
 
 from __future__ import annotations
@@ -12,13 +13,14 @@ import hashlib
 import json
 import logging
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
-from model.config import ModelConfig
+from model.backends import ModelBackends, select_backends
+from model.config import _ALIASES, ModelConfig
 from model.model import CustomLLM
 
 logger = logging.getLogger(__name__)
@@ -274,16 +276,31 @@ def _iter_sources(source: TensorSource, names: dict[str, str]) -> Iterator[tuple
         yield model_name, source.read(ckpt_name)
 
 
-def load_model(path: str | Path | None, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-               seed: int = 0, config: ModelConfig | None = None) -> CustomLLM:
-    """Load a checkpoint (see module doc), or build `config` (default: the seed model) with random weights."""
+def load_model(path: str | Path | Mapping[str, torch.Tensor] | None, dtype: torch.dtype = torch.float32,
+               device: torch.device | str = "cpu", seed: int = 0, config: ModelConfig | None = None,
+               backends: ModelBackends | None = None) -> CustomLLM:
+    """The model ready to run: `backends` (default: "auto" for every op) chosen before loading, the checkpoint
+    loaded (`load_checkpoint`), then each module's weights processed for its backend."""
+    backends = backends or select_backends(device, dtype)
+    model = load_checkpoint(path, dtype, device, seed, config)
+    model.process_weights(backends)
+    return model
+
+
+def load_checkpoint(path: str | Path | Mapping[str, torch.Tensor] | None, dtype: torch.dtype = torch.float32,
+                    device: torch.device | str = "cpu", seed: int = 0,
+                    config: ModelConfig | None = None) -> CustomLLM:
+    """The model holding a checkpoint's tensors as they are (not processed: it does not run, its state_dict is
+    the checkpoint's). `path` None: `config` (default: the seed model) with seeded random weights."""
     if path is None:
         model = allocate_model(config or ModelConfig(), dtype, device)
         init_random_weights(model, seed)
-        model.prepare_for_inference()
         return model
 
-    source, config_file = find_weights(Path(path))
+    if isinstance(path, Mapping):
+        source, config_file = TensorSource({k: tuple(v.shape) for k, v in path.items()}, path.__getitem__), None
+    else:
+        source, config_file = find_weights(Path(path))
     names = normalise_names(source.shapes)
     shapes = {names[n]: source.shapes[n] for n in names}
     if config is None:
@@ -302,13 +319,10 @@ def load_model(path: str | Path | None, dtype: torch.dtype = torch.float32, devi
     with torch.no_grad():
         for name, tensor in _iter_sources(source, names):
             targets[name].copy_(tensor.to(dtype))
-    model.prepare_for_inference()
     return model
 
 
 def _mentions(raw: dict[str, object], field: str) -> bool:
     """Whether a raw config.json gives `field`, under our name or an alias of it."""
-    from model.config import _ALIASES
-
     return field in raw or any(_ALIASES.get(k) == field for k in raw) or (
         field == "num_experts" and "n_routed_experts" in raw)

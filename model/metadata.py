@@ -37,10 +37,6 @@ class AttentionMetadata:
     _workspaces: dict[tuple[tuple[int, ...], torch.dtype], torch.Tensor] = dataclasses.field(
         default_factory=dict, repr=False, compare=False)
 
-    @property
-    def num_decode_tokens(self) -> int:
-        return int(self.decode_block_tables.shape[0])
-
     @functools.cached_property
     def decode_block_ids(self) -> torch.Tensor:
         """[B * max_blocks] int64: the decode block tables flattened, for one gather of whole blocks."""

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import uvicorn
 
 from model import CheckpointError
+from model.backends import BACKEND_FLAGS
 from model.ops.quantized_linear import QUANTIZATIONS
 from server.drain import DrainingServer
 from server.metrics import ServerMetrics
@@ -79,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--quantization", default="none", choices=list(QUANTIZATIONS),
         help="int8 = int8 weight-only linears with per-output-channel scales (about half the weight memory "
              "and faster memory-bound decode on CPU; logits differ slightly from --dtype's, see README)")
+    for flag, (op, names) in BACKEND_FLAGS.items():
+        add(flag, default="auto", choices=list(names),
+            help=f"how {op} runs (auto: the first that runs here and passes its self-check against the torch "
+                 "oracle; the start-up log prints a table of the chosen backends); a named backend that cannot run "
+                 "is an error")
     add("--served-model-name", default="customllm", help="the model id clients send and /v1/models lists")
     add("--max-num-seqs", type=_positive_int, default=64, help="sequences running at once")
     add("--max-num-batched-tokens", type=_positive_int, default=512,
@@ -129,7 +135,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         tokenizer = load_tokenizer(tokenizer_path)
         metrics = ServerMetrics()
         engine = build_engine(args.model, dtype=args.dtype, device=args.device, seed=args.seed,
-                              quantization=args.quantization,
+                              quantization=args.quantization, linear_backend=args.linear_backend,
+                              attention_backend=args.attention_backend, moe_backend=args.moe_backend,
                               kv_cache_tokens=args.kv_cache_tokens, max_num_seqs=args.max_num_seqs,
                               max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
                               block_size=args.block_size, enable_prefix_caching=args.enable_prefix_caching,

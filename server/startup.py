@@ -6,13 +6,14 @@ import logging
 import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import TypeVar
 
 import torch
 
-from model import CustomLLM, ModelConfig, PagedLatentCache, load_model
-from model.ops.quantized_linear import QUANTIZATIONS, select_quantized_backend
+from model import CustomLLM, ModelConfig, PagedLatentCache, load_model, select_backends
+from model.kv_cache import blocks_for
+from model.ops.cpu_extension import cpu_flags
+from model.ops.quantized_linear import QUANTIZATIONS
 from server.engine.cuda_graphs import DecodeGraphRunner
 from server.engine.engine import Engine
 from server.engine.model_runner import ModelRunner
@@ -41,11 +42,7 @@ def resolve_device(name: str) -> torch.device:
 
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU multiplies bf16 natively (AVX-512 BF16 or AMX), which makes bf16 the fast choice."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -100,23 +97,22 @@ def off_main_thread(fn: Callable[[], _T]) -> _T:
         return pool.submit(fn).result()
 
 
-def load_quantized(model_path: str | None, dtype: torch.dtype, device: torch.device, seed: int,
-                   quantization: str, config: ModelConfig | None = None) -> CustomLLM:
-    """Load the model and, for a quantization other than "none", re-prepare it on that backend.
-
-    The loader prepares the float backend; re-preparing restores its dense weights first (exactly), so the
-    int8 weights are quantized from the checkpoint's values, and the dense expert weights are then released.
-    """
+def load_for_serving(model_path: str | None, dtype: torch.dtype, device: torch.device, seed: int,
+                     quantization: str = "none", config: ModelConfig | None = None, *, linear_backend: str = "auto",
+                     attention_backend: str = "auto", moe_backend: str = "auto") -> CustomLLM:
+    """Choose every op's backend (quantization included), log them as one table, then load and process the
+    weights once. A backend named that cannot run is a ValueError naming the flag, the backend and why."""
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"--quantization must be one of {', '.join(QUANTIZATIONS)}, got {quantization!r}")
-    model = load_model(model_path, dtype=dtype, device=device, seed=seed, config=config)
-    if quantization != "none":
-        model.prepare_for_inference(select_quantized_backend(device, dtype, quantization))
-    return model
+    backends = select_backends(device, dtype, quantization, linear=linear_backend, attention=attention_backend,
+                               moe=moe_backend)
+    logger.info("%s", backends.table())
+    return load_model(model_path, dtype=dtype, device=device, seed=seed, config=config, backends=backends)
 
 
 def build_engine(model_path: str | None, *, dtype: str = "auto", device: str = "auto", seed: int = 0,
-                 quantization: str = "none",
+                 quantization: str = "none", linear_backend: str = "auto", attention_backend: str = "auto",
+                 moe_backend: str = "auto",
                  kv_cache_tokens: str | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
                  max_model_len: int | None = None, block_size: int = 16, enable_prefix_caching: bool = True,
                  eos_token_id: int = 0, metrics: ServerMetrics | None = None,
@@ -131,8 +127,9 @@ def build_engine(model_path: str | None, *, dtype: str = "auto", device: str = "
     if model_path is None:
         logger.warning("\n" + "!" * 78 + "\n!! No --model given: serving the seed architecture with RANDOM weights. "
                        "Its output is\n!! noise. Pass --model PATH to serve a trained checkpoint.\n" + "!" * 78)
-    model = off_main_thread(lambda: load_quantized(model_path, torch_dtype, torch_device, seed, quantization,
-                                                   model_config))
+    model = off_main_thread(lambda: load_for_serving(
+        model_path, torch_dtype, torch_device, seed, quantization, model_config, linear_backend=linear_backend,
+        attention_backend=attention_backend, moe_backend=moe_backend))
     config = model.config
     max_len = max_model_len or config.max_position_embeddings
     if max_len > config.max_position_embeddings:
@@ -149,7 +146,7 @@ def build_engine(model_path: str | None, *, dtype: str = "auto", device: str = "
     else:
         tokens = parse_kv_cache_tokens("2GiB", config, torch_dtype)
         sized_by = "the CPU default of 2GiB"
-    num_blocks = -(-tokens // block_size)
+    num_blocks = blocks_for(tokens, block_size)
     if num_blocks * block_size < max_len:
         raise ValueError(f"--kv-cache-tokens gives room for {num_blocks * block_size} tokens, less than one "
                          f"sequence of max_model_len={max_len}; raise it to at least {max_len}")
@@ -161,15 +158,14 @@ def build_engine(model_path: str | None, *, dtype: str = "auto", device: str = "
     # With CUDA graphs one block more than the scheduler knows of: the scratch block padding rows write.
     cache = off_main_thread(lambda: PagedLatentCache(config, num_blocks + use_graphs, block_size, torch_dtype,
                                                      torch_device))
-    logger.info("model: %s params, %s on %s, linear backend %s; KV cache: %d tokens (%d blocks of %d), "
+    logger.info("model: %s params, %s on %s; KV cache: %d tokens (%d blocks of %d), "
                 "%s bytes per token (%.1f KB), %.2f GiB, sized by %s",
-                f"{sum(p.numel() for p in model.parameters()):,}", torch_dtype, torch_device,
-                getattr(model.linear_backend, "name", "none"), num_blocks * block_size, num_blocks, block_size,
+                f"{model.num_parameters:,}", torch_dtype, torch_device, num_blocks * block_size, num_blocks, block_size,
                 f"{per_token:,}", per_token / 1000, per_token * num_blocks * block_size / 2**30, sized_by)
     decode_runner = None
     if use_graphs:
         decode_runner = DecodeGraphRunner(model, cache.layers, max_num_seqs=max_num_seqs,
-                                          max_blocks_per_seq=-(-max_len // block_size), block_size=block_size,
+                                          max_blocks_per_seq=blocks_for(max_len, block_size), block_size=block_size,
                                           scratch_block=num_blocks, use_cuda_graphs=True)
         try:
             off_main_thread(decode_runner.capture_all)

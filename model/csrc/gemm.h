@@ -1,18 +1,14 @@
 // GEMM out = x . w^T with float32 activations and bfloat16 or float32 weights [N, K], accumulating in float32
 // with FMA. Shapes: M rows of input, K input features, N output features.
 //
-// bfloat16 weights (the cpp-bf16 linear backend and the MoE experts on it) stay bfloat16 in memory (half the
-// bytes, which decides decode speed) and are widened in registers. They are stored as PANELS (pack_panels, once
-// at load): groups of kNR = 2 vectors of consecutive output features, each stored feature-major: for each input
-// feature k, the panel's kNR weights one after another. The last panel holds the N % kNR remaining outputs in
-// the same order, narrower. Same element count as [N, K]. One kernel for every M: a register tile broadcasts
-// one input value and FMAs it into the panel's two weight vectors, for up to kMR = 6 input rows at once (12
-// vector accumulators: AVX2's 16 registers hold them, the two weight vectors and the broadcast), over the whole
-// K. No horizontal sums, no K tails, and each weight vector is widened once for 6 rows. Each thread takes one
-// contiguous range of panels: at decode it streams one sequential run of the weight, which the prefetcher
-// follows. It replaced panels of 4 weight rows stored chunk by chunk (inner products on 3x4 tiles below 32 rows,
-// outer products on widened rows above). On Zen 3, alternating old and new in one process, the MoE experts'
-// token groups of a batch-64 step (M 6-25) run 1.3-1.5x faster, M = 64 1.0-1.2x, M = 1-3 and 2048^3 even.
+// bfloat16 weights (cpp-bf16 linear, cpp MoE experts) stay bfloat16 in memory (half the bytes, which decides
+// decode speed) and are widened in registers. They are stored as PANELS (pack_panels, once after loading):
+// groups of kNR = 2 vectors of consecutive output features, feature-major (for each input feature k, the panel's
+// kNR weights in a row); the last panel holds the N % kNR remaining outputs, narrower. One kernel for every M: a
+// register tile of up to kMR = 6 input rows broadcasts one input value into the panel's two weight vectors (12
+// accumulators fit AVX2's 16 registers) over the whole K: no horizontal sums, no K tails, each weight vector
+// widened once per 6 rows. Each thread streams one contiguous range of panels, which the prefetcher follows.
+// (What this replaced, and by how much: docs/performance.md.)
 //
 // float32 weights (the MoE experts of a float32 model) are dense rows, with two kernels chosen by M:
 // - M < kOuterMinRows: inner products, a register tile of up to 3 input rows x 4 weight rows, with software

@@ -1,9 +1,10 @@
 """The CPU extension (model/csrc/*.cpp): built with torch's cpp_extension for this CPU's instruction set, once.
 
-Usage: python -m model.ops.cpu_extension build [--isa avx2,avx512,avx512-bf16 | --isa all]
+Prebuild: python -m model.ops.extension build [--isa avx2,avx512,avx512-bf16 | --isa all] (model/ops/extension/).
 
 `load()` returns True once the ops are registered under `torch.ops.customllm`, False (logged) when this CPU
-lacks AVX2/FMA, no compiler is there or the build fails: every caller then keeps its plain torch path.
+lacks AVX2/FMA, no compiler is there or the build fails: the registry then passes over every backend that needs
+it (model/ops/registry.py).
 
 Builds are cached per ISA level, torch version and source hash under $CUSTOMLLM_EXTENSION_DIR (default
 ~/.cache/customllm/extension). A cached build is loaded without a compiler; a missing one is JIT-built
@@ -21,18 +22,17 @@ Environment:
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import functools
 import hashlib
 import logging
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils import cpp_extension
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ _ISA_NEEDS: dict[str, set[str]] = {
     "avx2": {"avx2", "fma", "f16c"},
     "avx2-16lanes": {"avx2", "fma", "f16c"},
 }
+ISA_LEVELS = tuple(_ISA_FLAGS)  # every level `build` knows, the test level included
 # The levels a CPU is served with, best first: detect_isa() picks one, `build --isa all` builds them all.
 SERVING_ISAS = ("avx512-bf16", "avx512", "avx2")
 # -ffast-math lets the compiler reorder float sums (the kernels avoid infinities, see kNoScore). Loops start on
@@ -63,7 +64,8 @@ SERVING_ISAS = ("avx512-bf16", "avx512", "avx2")
 _COMMON_FLAGS = ["-O3", "-fopenmp", "-ffast-math", "-falign-loops=64", "-DNDEBUG", "-Wno-unused-function"]
 
 
-def _cpu_flags() -> set[str]:
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags from /proc/cpuinfo (empty off Linux)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -76,7 +78,7 @@ def _cpu_flags() -> set[str]:
 
 def detect_isa() -> str | None:
     """The best ISA level this CPU runs, or None below AVX2/FMA (or off x86 Linux)."""
-    flags = _cpu_flags()
+    flags = cpu_flags()
     return next((isa for isa in SERVING_ISAS if _ISA_NEEDS[isa] <= flags), None)
 
 
@@ -90,7 +92,7 @@ def _chosen_isa() -> str | None:
         logger.warning("CUSTOMLLM_CPU_ISA=%s is not a level (expected one of %s); using the detected level %s",
                        forced, ", ".join(_ISA_FLAGS), instead)
         return detected
-    lacking = _ISA_NEEDS[forced] - _cpu_flags()
+    lacking = _ISA_NEEDS[forced] - cpu_flags()
     if lacking:
         logger.warning("CUSTOMLLM_CPU_ISA=%s needs CPU flags this CPU lacks (%s); using the detected level %s",
                        forced, ", ".join(sorted(lacking)), instead)
@@ -115,8 +117,6 @@ def build_dir(isa: str) -> Path:
 
 def build(isa: str) -> Path:
     """Compile the extension for `isa` (no need for this CPU to run it) and return the shared library."""
-    from torch.utils import cpp_extension
-
     directory = build_dir(isa)
     directory.mkdir(parents=True, exist_ok=True)
     library = directory / f"{_NAME}.so"
@@ -173,43 +173,3 @@ def _load() -> tuple[str, int] | None:
         return None
     logger.info("CPU extension loaded (%s, %d-lane vectors): %s", isa, lanes, library)
     return isa, lanes
-
-
-def kernel_usable(op: str, name: str, device: torch.device, dtype: torch.dtype,
-                  self_check: Callable[[torch.dtype], bool], possible: bool = True) -> bool:
-    """Whether `op`'s C++ kernel is the backend for this device and dtype: asked for ("auto" or "cpp"), possible
-    (the caller's own condition), CPU bf16/fp32, the extension loads and the kernel passes its self-check.
-    Backend name "cpp" insists: a ValueError when the kernel cannot run."""
-    usable = (name != "torch" and possible and device.type == "cpu" and dtype in (torch.bfloat16, torch.float32)
-              and load())
-    if usable and not self_check(dtype):
-        logger.warning("%s kernel failed its self-check in %s; using the torch path", op, dtype)
-        usable = False
-    if name == "cpp" and not usable:
-        raise ValueError(f"{op} backend cpp is not usable on {device} with {dtype}")
-    return usable
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["build"])
-    parser.add_argument("--isa", default="native",
-                        help="comma-separated levels, 'all' (the serving levels), or 'native' (this CPU's)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.isa == "native":
-        native = detect_isa()
-        if native is None:
-            raise SystemExit("this CPU lacks AVX2/FMA: nothing to build (the server uses its torch paths)")
-        levels = [native]
-    else:
-        levels = list(SERVING_ISAS) if args.isa == "all" else args.isa.split(",")
-    unknown = [isa for isa in levels if isa not in _ISA_FLAGS]
-    if unknown:
-        raise SystemExit(f"unknown ISA level(s) {unknown}; expected some of {list(_ISA_FLAGS)}, 'all' or 'native'")
-    for isa in levels:
-        print(build(isa))
-
-
-if __name__ == "__main__":
-    main()

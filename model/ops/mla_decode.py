@@ -1,4 +1,4 @@
-"""Absorbed MLA decode attention over the paged latent cache: backends chosen once at load.
+"""The MLA decode op: absorbed attention over the paged latent cache (`--attention-backend`).
 
 Shapes: B decode sequences, H heads, L latent, R rope width per head, F = L + H*R cache entry width,
 S decode context (padded to whole blocks).
@@ -6,7 +6,7 @@ S decode context (padded to whole blocks).
 All backends compute, per sequence and head, softmax(scale * (q_lat . c_s + q_rope . k_rope_s)) over the
 sequence's cached entries [c_s | k_rope_s] and return the softmax-weighted latent sum_s p_s c_s [B, H, L];
 the caller folds W_k into q_lat before and expands with W_v after (model/attention.py, weight absorption).
-`TorchMLADecode` (every device and dtype, the oracle) gathers whole blocks and runs two batched GEMMs.
+`TorchMLADecode` (every device and dtype; the oracle) gathers whole blocks and runs two batched GEMMs.
 `CppMLADecode` (CPU, bfloat16/float32; model/csrc/mla_decode.cpp) reads each entry in place through the
 block table, once for all heads, with an online softmax in float32, and splits long contexts of small
 batches so every thread works. `TritonMLADecode` (CUDA; model/ops/triton/mla_decode.py) does the same per
@@ -15,32 +15,39 @@ batches so every thread works. `TritonMLADecode` (CUDA; model/ops/triton/mla_dec
 
 from __future__ import annotations
 
-import functools
-import logging
+import abc
+import importlib.util
 
 import torch
 
 from model.metadata import AttentionMetadata
-
-logger = logging.getLogger(__name__)
+from model.ops.registry import Backend, MakeTensor, Op, Target
 
 # Bytes of gathered decode context per chunk of sequences: small enough to stay in this class of CPU's
 # last-level cache (32 MiB here) next to everything else, big enough that per-chunk op overhead stays small.
 _DECODE_CHUNK_BYTES = 6 << 20
 
 
-class TorchMLADecode:
-    """Gather whole blocks per chunk of sequences, score with one baddbmm, mix with one bmm."""
-
-    name = "torch"
+class MLADecodeBackend(Backend, abc.ABC):
+    """The interface: the softmax-weighted latent mix of each decode sequence's context."""
 
     def compute_dtype(self, dtype: torch.dtype) -> torch.dtype:
         """The dtype the caller's absorption GEMMs (W_k into q, W_v out of the mix) should run in."""
         return dtype
 
+    @abc.abstractmethod
     def mix(self, q_lat: torch.Tensor, q_rope: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata,
             scale: float) -> torch.Tensor:
         """q_lat [B, H, L], q_rope [B, H, R], cache [num_blocks, block_size, F] -> [B, H, L] in q_lat's dtype."""
+
+
+class TorchMLADecode(MLADecodeBackend):
+    """Gather whole blocks per chunk of sequences, score with one baddbmm, mix with one bmm."""
+
+    name = "torch"
+
+    def mix(self, q_lat: torch.Tensor, q_rope: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata,
+            scale: float) -> torch.Tensor:
         out_dtype = q_lat.dtype
         q_lat, q_rope = q_lat.to(cache.dtype), q_rope.to(cache.dtype)  # the GEMMs below run in the cache's dtype
         b, h, latent = q_lat.shape
@@ -52,7 +59,7 @@ class TorchMLADecode:
         bias = meta.decode_bias(q_lat.dtype)  # [B, 1, S] 0 / -inf for padding, None when nothing is padded
 
         # Sequences go in chunks whose gathered context stays cache-resident between the gather and the two
-        # GEMMs that read it (at 64 x 272 tokens: 4.4 -> 3.0 ms per layer against one 20 MB gather).
+        # GEMMs that read it, instead of one gather of the whole batch's context.
         blocks = meta.decode_block_tables.shape[1]
         per_seq = blocks * cache[0].numel() * cache.element_size()
         chunk = max(1, min(b, _DECODE_CHUNK_BYTES // per_seq))
@@ -73,10 +80,13 @@ class TorchMLADecode:
         return mixed.to(out_dtype)
 
 
-class CppMLADecode(TorchMLADecode):
+class CppMLADecode(MLADecodeBackend):
     """The fused kernel: no gather copy, one pass over the context, float32 scores, softmax and mix."""
 
     name = "cpp"
+    devices = frozenset({"cpu"})
+    dtypes = frozenset({torch.bfloat16, torch.float32})
+    needs_extension = True
 
     def __init__(self, num_splits: int = 0) -> None:
         self.num_splits = num_splits  # 0: the kernel picks (more splits for fewer sequences)
@@ -91,14 +101,19 @@ class CppMLADecode(TorchMLADecode):
         return out.to(q_lat.dtype)
 
 
-class TritonMLADecode(TorchMLADecode):
+class TritonMLADecode(MLADecodeBackend):
     """CUDA: the split-context Triton kernel (model/ops/triton/mla_decode.py). Reads each entry in place through
     the block table, only up to each sequence's context, once for all heads; no host sync (CUDA graphs)."""
 
     name = "triton"
+    devices = frozenset({"cuda"})
+
+    @classmethod
+    def requirement(cls, target: Target) -> str | None:
+        return None if importlib.util.find_spec("triton") else "the triton package is not installed"
 
     def __init__(self) -> None:
-        from model.ops.triton.mla_decode import mla_decode  # needs the triton package: only when chosen
+        from model.ops.triton.mla_decode import mla_decode  # needs triton: imported once the backend is chosen
 
         self._kernel = mla_decode
 
@@ -107,53 +122,14 @@ class TritonMLADecode(TorchMLADecode):
         return self._kernel(q_lat, q_rope, cache, meta.decode_block_tables, meta.decode_context_lens, scale)
 
 
-def _triton_usable(device: torch.device, dtype: torch.dtype) -> bool:
-    """The Triton kernel against the torch path on a small ragged case on this device."""
-    try:
-        g = torch.Generator().manual_seed(0)
-        heads, latent, rope, block = 2, 16, 8, 4
-        cache = torch.randn(6, block, latent + heads * rope, generator=g).to(device, dtype)
-        meta = AttentionMetadata.build([1, 1], [7, 9], [[1, 3], [2, 4, 5]], block, device)
-        q_lat = torch.randn(2, heads, latent, generator=g).to(device, dtype)
-        q_rope = torch.randn(2, heads, rope, generator=g).to(device, dtype)
-        want = TorchMLADecode().mix(q_lat.float(), q_rope.float(), cache.float(), meta, 0.25)
-        got = TritonMLADecode().mix(q_lat, q_rope, cache, meta, 0.25).float()
-    except Exception as exc:  # no triton, no C compiler for its launcher, an unsupported GPU: all mean "not here"
-        logger.warning("Triton MLA decode unusable on %s %s (%s: %s)", device, dtype, type(exc).__name__, exc)
-        return False
-    return torch.allclose(got, want, atol=2e-2 if dtype != torch.float32 else 1e-5, rtol=2e-2)
-
-
-def _self_check(dtype: torch.dtype) -> bool:
-    """The kernel against the torch path on a small ragged case (two splits, a partial block)."""
-    g = torch.Generator().manual_seed(0)
+def _case(backend: MLADecodeBackend, make: MakeTensor) -> torch.Tensor:
+    """Two sequences of 7 and 9 tokens in blocks of 4 (partial last blocks, non-contiguous tables): [2, 2, 16]."""
     heads, latent, rope, block = 2, 16, 8, 4
-    cache = torch.randn(6, block, latent + heads * rope, generator=g).to(dtype)
-    meta = AttentionMetadata.build([1, 1], [7, 9], [[1, 3], [2, 4, 5]], block)
-    q_lat = torch.randn(2, heads, latent, generator=g).to(dtype)
-    q_rope = torch.randn(2, heads, rope, generator=g).to(dtype)
-    # The oracle in float32 on the same values: the kernel rounds only its output.
-    want = TorchMLADecode().mix(q_lat.float(), q_rope.float(), cache.float(), meta, 0.25)
-    got = CppMLADecode(num_splits=2).mix(q_lat, q_rope, cache, meta, 0.25).float()
-    return torch.allclose(got, want, atol=1e-2 if dtype == torch.bfloat16 else 1e-5, rtol=1e-2)
+    cache = make(6, block, latent + heads * rope)
+    meta = AttentionMetadata.build([1, 1], [7, 9], [[1, 3], [2, 4, 5]], block, cache.device)
+    return backend.mix(make(2, heads, latent), make(2, heads, rope), cache, meta, 0.25)
 
 
-BACKENDS = ("auto", "torch", "cpp", "triton")
-
-
-@functools.cache
-def select_mla_decode(device: torch.device, dtype: torch.dtype, name: str = "auto") -> TorchMLADecode:
-    """The decode backend for caches of this device and dtype ("auto": the C++ kernel where it loads), logged."""
-    from model.ops import cpu_extension  # imported here: `python -m model.ops.cpu_extension` imports model first
-
-    assert name in BACKENDS, f"unknown MLA decode backend {name!r}, expected one of {BACKENDS}"
-    if device.type == "cuda" and name in ("auto", "triton"):
-        if _triton_usable(device, dtype):
-            logger.info("MLA decode backend for %s %s: triton", device, dtype)
-            return TritonMLADecode()
-        if name == "triton":
-            raise ValueError(f"MLA decode backend triton is not usable on {device} with {dtype}")
-    usable = cpu_extension.kernel_usable("MLA decode", name, device, dtype, _self_check)
-    backend = CppMLADecode() if usable else TorchMLADecode()
-    logger.info("MLA decode backend for %s %s: %s", device, dtype, backend.name)
-    return backend
+MLA_DECODE: Op[MLADecodeBackend] = Op(
+    "MLA decode", "--attention-backend", (TritonMLADecode, CppMLADecode, TorchMLADecode), _case,
+    {torch.float32: (1e-5, 1e-2), torch.bfloat16: (2e-2, 2e-2), torch.float16: (2e-2, 2e-2)})

@@ -1,49 +1,55 @@
-"""The expert MLPs of an MoE layer: backends chosen once at load.
+"""The MoE experts op (`--moe-backend`): the eager backends, and the op with every backend in "auto" order.
 
 Shapes: T tokens, D hidden, I intermediate, E experts, K experts per token, P = T*K (token, expert) pairs.
 
-`TorchExperts` (every device, dtype and linear backend; the oracle): pairs sorted by expert, one gathered
-input, one fused gate|up GEMM, silu * up and one down GEMM per expert through the linear backend, then one
-index_add. `CppExperts` (CPU; model/csrc/moe.cpp): the whole layer's experts in one extension call, grouping,
-SiLU*mul pass and weighted accumulation in float32 included, so no Python runs per expert. It runs on the
-weights of the cpp-bf16 linear backend (bfloat16 panels) or on dense float32 ones; not next to packed oneDNN
-(the better path on CPUs with native bfloat16 GEMM) or int8, nor on dense bfloat16 (the plain backend, asked
-for by name: the oracle).
+`TorchExperts` (every device, dtype and linear backend; the oracle): pairs sorted by expert, one gathered input,
+one fused gate|up GEMM, silu * up and one down GEMM per expert through the linear backend, then one index_add.
+`CppExperts` (CPU bfloat16/float32; model/csrc/moe.cpp): the layer's experts in one extension call, grouping,
+SiLU*mul and weighted accumulation in float32 included, on bfloat16 panels or dense float32 weights. CUDA's
+graph-safe backends are in model/ops/moe_grouped.py.
 """
 
 from __future__ import annotations
 
-import copy
-import functools
-import logging
-
 import torch
+import torch.nn.functional as F
 
-from model.layers import StackedExperts
-from model.ops.linear import CppBF16Linear, PlainLinear
+from model.ops.linear import LinearBackend, PlainLinear
+from model.ops.moe_base import ExpertsBackend, ExpertWeights
+from model.ops.moe_grouped import DenseMaskedExperts, GroupedExperts
+from model.ops.registry import MakeTensor, Op, Target
 
-logger = logging.getLogger(__name__)
 
-
-class TorchExperts:
+class TorchExperts(ExpertsBackend):
     name = "torch"
 
-    def shared(self, experts: StackedExperts, x: torch.Tensor) -> torch.Tensor:
-        """Mean of every shared expert's output: x [T, D] -> [T, D] in x's dtype."""
-        out = experts.expert_forward(0, x)
+    def process(self, gate_up: list[torch.Tensor], down: list[torch.Tensor],
+                linear: LinearBackend) -> ExpertWeights:
+        return ExpertWeights(len(gate_up), [linear.process(w) for w in gate_up], [linear.process(w) for w in down],
+                             linear)
+
+    @staticmethod
+    def _expert(experts: ExpertWeights, e: int, x: torch.Tensor) -> torch.Tensor:
+        """down(silu(gate(x)) * up(x)) for expert e: x [T, D] -> [T, D]."""
+        linear = experts.linear
+        assert linear is not None, "TorchExperts.process builds these weights"
+        gate, up = linear.apply(x, experts.gate_up[e]).chunk(2, dim=-1)  # [T, I] each
+        return linear.apply(F.silu(gate) * up, experts.down[e])
+
+    def shared(self, experts: ExpertWeights, x: torch.Tensor) -> torch.Tensor:
+        out = self._expert(experts, 0, x)
         for s in range(1, experts.num_experts):
-            out = out + experts.expert_forward(s, x)
+            out = out + self._expert(experts, s, x)
         return out / experts.num_experts if experts.num_experts > 1 else out
 
-    def routed(self, experts: StackedExperts, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+    def routed(self, experts: ExpertWeights, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
                out: torch.Tensor) -> torch.Tensor:
-        """out [T, D] (x's dtype) plus the routing-weighted outputs of each token's experts ids/weights [T, K]."""
         flat = ids.flatten()  # [P]
         k = ids.shape[1]
         if x.shape[0] == 1:
             # One token (batch-1 decode): its K experts straight from the routing, no sort, gather or scatter.
             for expert, weight in zip(flat.tolist(), weights.flatten().tolist(), strict=True):
-                out.add_(experts.expert_forward(expert, x), alpha=weight)
+                out.add_(self._expert(experts, expert, x), alpha=weight)
             return out
         counts = torch.bincount(flat, minlength=experts.num_experts).tolist()  # [E]
         order = flat.argsort(stable=True)  # [P]
@@ -53,80 +59,61 @@ class TorchExperts:
         start = 0
         for expert, count in enumerate(counts):
             if count:
-                ys[start:start + count] = experts.expert_forward(expert, x_sorted[start:start + count])
+                ys[start:start + count] = self._expert(experts, expert, x_sorted[start:start + count])
                 start += count
         ys *= weights.flatten()[order, None].to(x.dtype)
         return out.index_add_(0, token_of, ys)
 
 
-class CppExperts(TorchExperts):
+class CppExperts(ExpertsBackend):
     name = "cpp"
+    devices = frozenset({"cpu"})
+    dtypes = frozenset({torch.bfloat16, torch.float32})
+    quantizations = frozenset({"none"})
+    needs_extension = True
 
-    def shared(self, experts: StackedExperts, x: torch.Tensor) -> torch.Tensor:
+    @classmethod
+    def auto_skip(cls, target: Target) -> str | None:
+        if target.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return "oneDNN's bfloat16 GEMM (the linear backend) serves this CPU"
+        return None
+
+    def process(self, gate_up: list[torch.Tensor], down: list[torch.Tensor],
+                linear: LinearBackend) -> ExpertWeights:
+        # The kernel reads bfloat16 weights in the panel layout of model/csrc/gemm.h, float32 ones dense.
+        if gate_up[0].dtype == torch.bfloat16:
+            pack = torch.ops.customllm.pack_panels
+            return ExpertWeights(len(gate_up), [pack(w.detach()) for w in gate_up], [pack(w.detach()) for w in down])
+        return ExpertWeights(len(gate_up), [w.detach().contiguous() for w in gate_up],
+                             [w.detach().contiguous() for w in down])
+
+    def shared(self, experts: ExpertWeights, x: torch.Tensor) -> torch.Tensor:
         # Float32 until the routed experts are added too: one rounding for the whole MoE output.
         t, s = x.shape[0], experts.num_experts
         out = x.new_zeros(x.shape, dtype=torch.float32)  # [T, D]
         ids = torch.arange(s).expand(t, s)  # [T, S]: every token to every shared expert, weight 1/S
-        torch.ops.customllm.moe_experts(x, ids, torch.full((t, s), 1.0 / s), *experts.prepared_weights(), out)
+        torch.ops.customllm.moe_experts(x, ids, torch.full((t, s), 1.0 / s), experts.gate_up, experts.down, out)
         return out
 
-    def routed(self, experts: StackedExperts, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+    def routed(self, experts: ExpertWeights, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
                out: torch.Tensor) -> torch.Tensor:
         acc = out if out.dtype == torch.float32 else out.float()
-        torch.ops.customllm.moe_experts(x, ids, weights, *experts.prepared_weights(), acc)
+        torch.ops.customllm.moe_experts(x, ids, weights, experts.gate_up, experts.down, acc)
         return acc.to(x.dtype)
 
 
-def kernel_weights_backend(dtype: torch.dtype) -> PlainLinear | None:
-    """The linear backend whose prepared expert weights the C++ kernel reads in this dtype (bfloat16 panels,
-    dense float32), or None."""
-    backend = {torch.bfloat16: CppBF16Linear, torch.float32: PlainLinear}.get(dtype)
-    return None if backend is None else backend()
+def _case(backend: ExpertsBackend, make: MakeTensor) -> torch.Tensor:
+    """4 experts, 6 tokens, top-2, groups of 3, 0, 5 and 4 pairs (an empty one); D=64, I=32 (sm90's alignment)."""
+    num_experts, hidden, inter = 4, 64, 32
+    gate_up = [make(2 * inter, hidden, scale=0.3) for _ in range(num_experts)]
+    down = [make(hidden, inter, scale=0.3) for _ in range(num_experts)]
+    x = make(6, hidden)
+    ids = torch.tensor([[0, 2], [2, 0], [3, 0], [2, 3], [2, 3], [3, 2]], device=x.device)
+    weights = make(6, 2).abs().float()
+    experts = backend.process(gate_up, down, PlainLinear())
+    return backend.routed(experts, x, weights, ids, backend.shared(experts, x))
 
 
-def _self_check(dtype: torch.dtype) -> bool:
-    """The kernel against the torch path in float32 on the same (rounded) weights, on a small case."""
-    g = torch.Generator().manual_seed(0)
-    oracle_experts = StackedExperts(3, 16, 8)
-    with torch.no_grad():
-        oracle_experts.gate_up.copy_(torch.randn(oracle_experts.gate_up.shape, generator=g) / 4)
-        oracle_experts.down.copy_(torch.randn(oracle_experts.down.shape, generator=g) / 4)
-        experts = copy.deepcopy(oracle_experts).to(dtype)
-        oracle_experts.to(dtype).float()  # the oracle sees the rounded weights
-        backend = kernel_weights_backend(dtype)
-        assert backend is not None, dtype
-        experts.prepare(backend)
-        x = torch.randn(5, 16, generator=g).to(dtype)
-        ids = torch.tensor([[0, 2], [1, 0], [2, 1], [2, 0], [1, 2]])
-        weights = torch.rand(5, 2, generator=g)
-        oracle, fast = TorchExperts(), CppExperts()
-        want = oracle.routed(oracle_experts, x.float(), weights, ids, oracle.shared(oracle_experts, x.float()))
-        got = fast.routed(experts, x, weights, ids, fast.shared(experts, x)).float()
-    return torch.allclose(got, want, atol=1e-2 if dtype == torch.bfloat16 else 1e-5, rtol=1e-2)
-
-
-BACKENDS = ("auto", "torch", "cpp", "grouped-mm", "dense-masked")
-
-
-@functools.cache
-def select_experts(device: torch.device, dtype: torch.dtype, layout: str, name: str = "auto") -> TorchExperts:
-    """The experts backend for expert weights prepared in `layout` ("auto": the C++ path where it loads and can
-    read them), logged once."""
-    from model.ops import cpu_extension  # imported here: `python -m model.ops.cpu_extension` imports model first
-
-    assert name in BACKENDS, f"unknown MoE experts backend {name!r}, expected one of {BACKENDS}"
-    dense_weights = layout == "dense"
-    if name in ("grouped-mm", "dense-masked") or (name == "auto" and device.type == "cuda" and dense_weights):
-        # CUDA: the graph-safe backends (decode steps run as CUDA graphs), on the plain backend's dense weights.
-        # Without them (int8 weights on CUDA) the torch path runs; its host syncs then keep decode eager.
-        from model.ops.moe_grouped import select_graph_safe_experts
-
-        if not dense_weights:
-            raise ValueError(f"MoE experts backend {name} needs the dense stacked expert weights")
-        return select_graph_safe_experts(device, dtype, "auto" if name == "auto" else name)
-    readable = kernel_weights_backend(dtype)
-    usable = cpu_extension.kernel_usable("MoE experts", name, device, dtype, _self_check,
-                                         possible=readable is not None and readable.weight_layout == layout)
-    backend = CppExperts() if usable else TorchExperts()
-    logger.info("MoE experts backend for %s %s: %s", device, dtype, backend.name)
-    return backend
+MOE_EXPERTS: Op[ExpertsBackend] = Op(
+    "MoE experts", "--moe-backend", (GroupedExperts, DenseMaskedExperts, CppExperts, TorchExperts), _case,
+    {torch.float32: (1e-4, 1e-3), torch.bfloat16: (5e-2, 2e-2), torch.float16: (5e-2, 2e-2)})

@@ -1,29 +1,26 @@
 """Int8 weight-only linear backends (`--quantization int8`): weights stored as int8 with one scale per output
-channel, activations and outputs in the model's dtype. Chosen once at load, like the float backends in
-`model/ops/linear.py`.
+channel, activations and outputs in the model's dtype. Backends of the `INT8_LINEAR` op, with the
+interface of `model/ops/linear.py`.
 
 Quantization: scale[o] = max|W[o, :]| / 127, q = round(W / scale) in [-127, 127], so W ~ q * scale[:, None]
 (symmetric, no zero point; the error of one weight is at most scale / 2). Matrices with fewer than
 `MIN_QUANTIZED_ROWS` outputs (the MoE router, 7 x 768) stay dense: they are a negligible share of the bytes,
 and an error there changes which experts a token goes to, not just a logit by a little.
 
-`Int8PackLinear` runs torch's `_weight_int8pack_mm` CPU kernel, which reads the int8 weight as is (half the
-bytes of bf16: decode at small batches is bound by reading weights). `Int8DequantLinear` dequantizes each
-weight per call and runs `F.linear`: the fallback where that op is missing or fails its self-check, and the
-oracle the tests hold the kernel to.
+`Int8PackLinear` (CPU) runs torch's `_weight_int8pack_mm`, which reads the int8 weight as is (half the bytes of
+bf16: small-batch decode is bound by reading weights). `Int8DequantLinear` (everywhere; the oracle) dequantizes
+each weight per call and runs `F.linear`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
 
 import torch
 import torch.nn.functional as F
 
-from model.ops.linear import PlainLinear
-
-logger = logging.getLogger(__name__)
+from model.ops.linear import LinearBackend, linear_case
+from model.ops.registry import MakeTensor, Op, Target
 
 MIN_QUANTIZED_ROWS = 16  # matrices with fewer output rows stay dense (see module doc)
 # `_weight_int8pack_mm` walks the input dimension in vector-wide steps without a tail loop: on this AVX2 CPU it
@@ -59,79 +56,65 @@ def quantize_per_channel(weight: torch.Tensor) -> Int8Weight:
     return Int8Weight(q.contiguous(), scales.to(weight.dtype).contiguous())
 
 
-class Int8DequantLinear(PlainLinear):
+def _dequant_linear(x: torch.Tensor, weight: Int8Weight | torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if isinstance(weight, Int8Weight):
+        weight = weight.dequantize().to(x.dtype)
+    return F.linear(x, weight, bias)
+
+
+def _process(weight: torch.Tensor) -> Int8Weight | torch.Tensor:
+    """The int8 form, or the dense weight for matrices under MIN_QUANTIZED_ROWS outputs (see module doc)."""
+    return weight.detach() if weight.shape[0] < MIN_QUANTIZED_ROWS else quantize_per_channel(weight)
+
+
+class Int8DequantLinear(LinearBackend):
     """Int8 storage, dequantized to the activation dtype on every call: correct everywhere, not fast."""
 
     name = "int8-dequant"
-    weight_layout = "int8"  # a copy: the dense expert weights are released, the int8 one is what stays in memory
+    quantizations = frozenset({"int8"})
 
-    def prepare(self, weight: torch.Tensor) -> Int8Weight | torch.Tensor:  # type: ignore[override]
-        if weight.shape[0] < MIN_QUANTIZED_ROWS:
-            return weight.detach()
-        return quantize_per_channel(weight)
+    def process(self, weight: torch.Tensor) -> Int8Weight | torch.Tensor:
+        return _process(weight)
 
-    def unpack(self, prepared: Int8Weight | torch.Tensor) -> torch.Tensor:
-        """The dense weight back: NOTE lossy (the dequantized int8 weight), unlike the float backends."""
-        return prepared.dequantize() if isinstance(prepared, Int8Weight) else prepared
-
-    def linear(self, x: torch.Tensor, prepared: Int8Weight | torch.Tensor,
-               bias: torch.Tensor | None = None) -> torch.Tensor:
-        if not isinstance(prepared, Int8Weight):
-            return F.linear(x, prepared, bias)
-        return F.linear(x, prepared.dequantize().to(x.dtype), bias)
+    def apply(self, x: torch.Tensor, weight: Int8Weight | torch.Tensor,
+              bias: torch.Tensor | None = None) -> torch.Tensor:
+        return _dequant_linear(x, weight, bias)
 
 
-class Int8PackLinear(Int8DequantLinear):
+class Int8PackLinear(LinearBackend):
     """Int8 storage read directly by `torch._weight_int8pack_mm` (x [M, K] float, q [N, K] int8, scales [N])."""
 
     name = "int8-pack"
+    devices = frozenset({"cpu"})
+    quantizations = frozenset({"int8"})
 
-    def linear(self, x: torch.Tensor, prepared: Int8Weight | torch.Tensor,
-               bias: torch.Tensor | None = None) -> torch.Tensor:
-        if not isinstance(prepared, Int8Weight) or prepared.shape[1] % _PACK_K_MULTIPLE:
-            return super().linear(x, prepared, bias)
+    @classmethod
+    def requirement(cls, target: Target) -> str | None:
+        return None if hasattr(torch, "_weight_int8pack_mm") else "this torch has no _weight_int8pack_mm"
+
+    def process(self, weight: torch.Tensor) -> Int8Weight | torch.Tensor:
+        return _process(weight)
+
+    def apply(self, x: torch.Tensor, weight: Int8Weight | torch.Tensor,
+              bias: torch.Tensor | None = None) -> torch.Tensor:
+        if not isinstance(weight, Int8Weight) or weight.shape[1] % _PACK_K_MULTIPLE:
+            return _dequant_linear(x, weight, bias)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
         if not x2.is_contiguous():  # a column slice of a fused projection's output, e.g.
             x2 = x2.contiguous()
-        scales = prepared.scales if prepared.scales.dtype == x.dtype else prepared.scales.to(x.dtype)
-        out = torch._weight_int8pack_mm(x2, prepared.qweight, scales)  # [M, N]
+        scales = weight.scales if weight.scales.dtype == x.dtype else weight.scales.to(x.dtype)
+        out = torch._weight_int8pack_mm(x2, weight.qweight, scales)  # [M, N]
         if bias is not None:
             out = out + bias
         return out.reshape(*lead, out.shape[-1])
 
 
-def _int8pack_usable(device: torch.device, dtype: torch.dtype) -> bool:
-    if device.type != "cpu" or not hasattr(torch, "_weight_int8pack_mm"):
-        return False
-    # Self-check against the dequantizing oracle on a small case with a ragged output count, bias included.
-    try:
-        g = torch.Generator().manual_seed(0)
-        w = torch.randn(80, 64, generator=g).to(dtype)
-        b = torch.randn(80, generator=g).to(dtype)
-        x = torch.randn(3, 64, generator=g).to(dtype)
-        fast, slow = Int8PackLinear(), Int8DequantLinear()
-        prepared = fast.prepare(w)
-        got = fast.linear(x, prepared, b).float()
-        want = slow.linear(x.float(), quantize_per_channel(w.float()), b.float())
-        ok = torch.allclose(got, want, atol=0.05, rtol=0.02)
-    except RuntimeError as exc:
-        logger.warning("int8 kernel torch._weight_int8pack_mm unavailable (%s); dequantizing per call", exc)
-        return False
-    if not ok:
-        logger.warning("int8 kernel torch._weight_int8pack_mm failed its self-check; dequantizing per call")
-    return ok
+def _int8_case(backend: LinearBackend, make: MakeTensor) -> torch.Tensor:
+    """K = 64 (the kernel's path, not the dequantizing tail), 80 outputs (ragged), weights at the seed's scale."""
+    return linear_case(backend, make, out_features=80, in_features=64, rows=3)
 
 
-def select_quantized_backend(device: torch.device | str, dtype: torch.dtype, quantization: str) -> PlainLinear:
-    """The int8 backend for this device and activation dtype: the int8 kernel where it works, else the
-    dequantizing fallback. Logs which one runs."""
-    if quantization not in ("int8",):
-        raise ValueError(f"unknown quantization {quantization!r}, expected one of {QUANTIZATIONS}")
-    device = torch.device(device)
-    if dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise ValueError(f"--quantization int8 needs float activations, got {dtype}")
-    backend: PlainLinear = Int8PackLinear() if _int8pack_usable(device, dtype) else Int8DequantLinear()
-    logger.info("linear backend: %s (int8 weights, per-output-channel scales, %s activations)", backend.name,
-                str(dtype).removeprefix("torch."))
-    return backend
+INT8_LINEAR: Op[LinearBackend] = Op(
+    "int8 linear", "--linear-backend", (Int8PackLinear, Int8DequantLinear), _int8_case,
+    {torch.float32: (0.05, 0.02), torch.bfloat16: (0.05, 0.02), torch.float16: (0.05, 0.02)})

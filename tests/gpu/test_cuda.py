@@ -8,9 +8,9 @@ import random
 import pytest
 import torch
 
-from model import AttentionMetadata, CustomLLM, PagedLatentCache, load_model
+from model import AttentionMetadata, CustomLLM, PagedLatentCache
 from server.engine.cuda_graphs import DecodeGraphRunner
-from tests.model.conftest import TINY, randomise
+from tests.model.conftest import TINY, random_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -18,9 +18,7 @@ BS = 4
 
 
 def tiny(device: str, dtype: torch.dtype = torch.float32) -> CustomLLM:
-    model = load_model(None, dtype=torch.float32, config=TINY)
-    randomise(model, 5)
-    return model.to(device=device, dtype=dtype)
+    return random_model(TINY, 5, dtype, device)
 
 
 def step(model: CustomLLM, caches: list[torch.Tensor], ids: list[int], lens: list[int], tables: list[list[int]],

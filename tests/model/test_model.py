@@ -5,11 +5,12 @@ import random
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from model import AttentionMetadata, CustomLLM, ModelConfig, PagedLatentCache
 from model.moe import MoE
 from model.ops import cpu_extension, mla_decode
-from tests.model.conftest import TINY
+from tests.model.conftest import TINY, random_model
 from tests.model.reference import reference_logits
 
 BLOCK = 4
@@ -77,8 +78,9 @@ def test_seed_config_shapes_on_meta() -> None:
     assert PagedLatentCache.bytes_per_token(cfg, torch.bfloat16) == 34_560
 
 
-def test_mixed_batches_chunked_prefill_and_decode_match_reference(tiny_model: CustomLLM) -> None:
-    sd = tiny_model.state_dict()
+def test_mixed_batches_chunked_prefill_and_decode_match_reference(tiny_model: CustomLLM,
+                                                                   tiny_state: dict[str, torch.Tensor]) -> None:
+    sd = tiny_state
     gen = random.Random(3)
     prompts = {s: [gen.randrange(TINY.vocab_size) for _ in range(n)] for s, n in enumerate([1, 3, 7, 12, 20, 30])}
     chunked = 5  # the 30-token prompt arrives in 3 chunks over 3 steps
@@ -117,10 +119,11 @@ def test_mixed_batches_chunked_prefill_and_decode_match_reference(tiny_model: Cu
 
 # torch with chunk 1: every sequence is its own decode chunk; cpp: the fused kernel, split over the context.
 @pytest.mark.parametrize(("backend", "chunk_bytes"), [("torch", None), ("torch", 1), ("cpp", None)])
-def test_absorbed_decode_equals_decompressed_attention(tiny_model: CustomLLM, backend: str, chunk_bytes: int | None,
+def test_absorbed_decode_equals_decompressed_attention(backend: str, chunk_bytes: int | None,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     if backend == "cpp" and not cpu_extension.load():
         pytest.skip("CPU extension unavailable on this machine")
+    tiny_model = random_model(TINY, 1, attention=backend)
     if chunk_bytes is not None:
         monkeypatch.setattr(mla_decode, "_DECODE_CHUNK_BYTES", chunk_bytes)
     runner = PagedRunner(tiny_model)
@@ -142,31 +145,37 @@ def test_absorbed_decode_equals_decompressed_attention(tiny_model: CustomLLM, ba
                                          for t, n in zip(tables, lens, strict=True)]),
         decode_block_tables=torch.zeros(0, 1, dtype=torch.int64), decode_valid=torch.zeros(0, 4, dtype=torch.bool))
     q = torch.cat((q_nope, q_rope), dim=-1)
-    prep = attn._prepared
-    assert prep is not None
-    decode = mla_decode.CppMLADecode(num_splits=2) if backend == "cpp" else mla_decode.TorchMLADecode()
-    prep = dataclasses.replace(prep, decode=decode)
+    prep = attn.weights
+    assert prep is not None and prep.decode.name == backend
+    if backend == "cpp":
+        prep = dataclasses.replace(prep, decode=mla_decode.CppMLADecode(num_splits=2))  # split over the context
     with torch.inference_mode():  # as in the model's forward
         absorbed = attn._decode(prep, q, decode_meta, cache)
         decompressed = attn._prefill(prep, q, prefill_meta, cache.view(-1, cache.shape[-1]))
     torch.testing.assert_close(absorbed, decompressed, atol=1e-5, rtol=1e-5)
 
 
-def _per_token_moe(moe: MoE, x: torch.Tensor) -> torch.Tensor:
+def _per_token_moe(moe: MoE, state: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """The MoE token by token on the checkpoint's tensors of layer 0."""
+    def expert(kind: str, e: int, xt: torch.Tensor) -> torch.Tensor:
+        w = {n: state[f"decoder_layers.0.mlp.moe.{kind}.{e}.{n}.weight"] for n in ("gate_proj", "up_proj", "down_proj")}
+        return F.linear(F.silu(F.linear(xt, w["gate_proj"])) * F.linear(xt, w["up_proj"]), w["down_proj"])
+
     out = torch.zeros_like(x)
     weights, experts = moe.route(x)
     for t in range(x.shape[0]):
-        out[t] = moe.shared_experts.expert_forward(0, x[t : t + 1])[0]
+        out[t] = expert("shared_experts", 0, x[t : t + 1])[0]
         for w, e in zip(weights[t], experts[t], strict=True):
-            out[t] += w * moe.routed_experts.expert_forward(int(e), x[t : t + 1])[0]
+            out[t] += w * expert("routed_experts", int(e), x[t : t + 1])[0]
     return out
 
 
-def test_batched_moe_dispatch_matches_per_token_loop(tiny_model: CustomLLM) -> None:
+def test_batched_moe_dispatch_matches_per_token_loop(tiny_model: CustomLLM,
+                                                     tiny_state: dict[str, torch.Tensor]) -> None:
     moe = tiny_model.decoder_layers[0].mlp.moe
     x = torch.randn(37, TINY.hidden_size, generator=torch.Generator().manual_seed(5))
     counts = torch.zeros(moe.num_routed_experts, dtype=torch.int64)
-    torch.testing.assert_close(moe(x, counts), _per_token_moe(moe, x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(moe(x, counts), _per_token_moe(moe, tiny_state, x), atol=1e-5, rtol=1e-5)
     assert int(counts.sum()) == 37 * 2
 
     # A bias that sends every token to experts 1 and 3: the others get no token at all.
@@ -175,9 +184,9 @@ def test_batched_moe_dispatch_matches_per_token_loop(tiny_model: CustomLLM) -> N
         moe.routing_bias.copy_(torch.tensor([-50.0, 50.0, -50.0, 50.0]))
     try:
         counts.zero_()
-        torch.testing.assert_close(moe(x, counts), _per_token_moe(moe, x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(moe(x, counts), _per_token_moe(moe, tiny_state, x), atol=1e-5, rtol=1e-5)
         assert counts.tolist() == [0, 37, 0, 37]
-        torch.testing.assert_close(moe(x[:1]), _per_token_moe(moe, x[:1]), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(moe(x[:1]), _per_token_moe(moe, tiny_state, x[:1]), atol=1e-5, rtol=1e-5)
     finally:
         with torch.no_grad():
             moe.routing_bias.copy_(saved)

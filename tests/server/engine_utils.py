@@ -7,7 +7,7 @@ import dataclasses
 
 import torch
 
-from model import PagedLatentCache, load_model
+from model import PagedLatentCache
 from server.engine.cuda_graphs import DecodeGraphRunner
 from server.engine.engine import Engine
 from server.engine.model_runner import ModelRunner
@@ -15,7 +15,7 @@ from server.engine.outputs import SequenceOutput
 from server.engine.sampler import Sampler
 from server.engine.sampling_params import SamplingParams
 from server.engine.scheduler import SchedulerConfig
-from tests.model.conftest import TINY, randomise
+from tests.model.conftest import TINY, random_model
 
 
 def make_engine(num_blocks: int = 256, block_size: int = 4, max_num_seqs: int = 32,
@@ -24,8 +24,7 @@ def make_engine(num_blocks: int = 256, block_size: int = 4, max_num_seqs: int = 
     """A float32 TINY engine (vocab 97, EOS 0); not started. static_decode: decode steps through the graph
     runner's static buffers (eagerly, on CPU), with its scratch block after the scheduler's blocks."""
     model_config = dataclasses.replace(TINY, max_position_embeddings=max(max_model_len, 256))
-    model = load_model(None, dtype=torch.float32, config=model_config)
-    randomise(model, seed)
+    model = random_model(model_config, seed)
     cache = PagedLatentCache(model_config, num_blocks + static_decode, block_size, torch.float32)
     decode = None
     if static_decode:

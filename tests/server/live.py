@@ -10,18 +10,17 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
-import torch
 import uvicorn
 from safetensors.torch import save_file
 
 from bench.local_server import free_port
-from model import ModelConfig, load_model
+from model import ModelConfig
 from server.metrics import ServerMetrics
 from server.openai.api import ServerSettings, create_app
 from server.openai.chat_template import ChatTemplate
 from server.startup import build_engine
 from server.tokenizer import load_tokenizer
-from tests.model.conftest import randomise
+from tests.model.conftest import random_state
 
 # The real tokenizer's vocabulary, everything else tiny: a real model that runs a step in milliseconds.
 TINY_SERVE = ModelConfig(vocab_size=49152, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -32,9 +31,7 @@ TINY_SERVE = ModelConfig(vocab_size=49152, hidden_size=64, num_hidden_layers=2, 
 def write_tiny_checkpoint(directory: Path, seed: int = 0) -> Path:
     """A checkpoint directory (config.json + model.safetensors) of TINY_SERVE with random weights."""
     directory.mkdir(parents=True, exist_ok=True)
-    model = load_model(None, dtype=torch.float32, config=TINY_SERVE)
-    randomise(model, seed)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, directory / "model.safetensors")
+    save_file(random_state(TINY_SERVE, seed), directory / "model.safetensors")
     (directory / "config.json").write_text(json.dumps(TINY_SERVE.to_dict()))
     return directory
 

@@ -7,7 +7,8 @@ import torch
 
 from model.metadata import AttentionMetadata
 from model.ops import cpu_extension
-from model.ops.mla_decode import CppMLADecode, TorchMLADecode, select_mla_decode
+from model.ops.mla_decode import MLA_DECODE, CppMLADecode, TorchMLADecode
+from model.ops.registry import BackendError, Target, select
 
 pytestmark = pytest.mark.skipif(not cpu_extension.load(), reason="CPU extension unavailable on this machine")
 
@@ -106,8 +107,8 @@ def test_bad_context_length_is_an_error() -> None:
 
 def test_selection() -> None:
     cpu = torch.device("cpu")
-    assert select_mla_decode(cpu, torch.bfloat16).name == "cpp"
-    assert select_mla_decode(cpu, torch.float16).name == "torch"
-    assert select_mla_decode(cpu, torch.float32, "torch").name == "torch"
-    with pytest.raises(ValueError, match="not usable"):
-        select_mla_decode(cpu, torch.float16, "cpp")
+    assert select(MLA_DECODE, Target(cpu, torch.bfloat16)).backend.name == "cpp"
+    assert select(MLA_DECODE, Target(cpu, torch.float16)).backend.name == "torch"
+    assert select(MLA_DECODE, Target(cpu, torch.float32), "torch").backend.name == "torch"
+    with pytest.raises(BackendError, match="--attention-backend cpp: the MLA decode backend cpp cannot run"):
+        select(MLA_DECODE, Target(cpu, torch.float16), "cpp")

@@ -4,25 +4,25 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.layers import StackedExperts
-from model.ops.moe_experts import select_experts
-from model.ops.moe_grouped import DenseMaskedExperts, GroupedExperts, count_experts, select_graph_safe_experts
+from model.ops.moe_base import ExpertWeights, count_experts
+from model.ops.moe_experts import MOE_EXPERTS
+from model.ops.moe_grouped import DenseMaskedExperts, GroupedExperts
+from model.ops.registry import BackendError, Target, select
 
 
 def case(seed: int, tokens: int, hidden: int = 32, inter: int = 24, num_experts: int = 5, k: int = 2,
          dtype: torch.dtype = torch.float32, skip_expert: int | None = None):
     g = torch.Generator().manual_seed(seed)
-    experts = StackedExperts(num_experts, hidden, inter)
-    with torch.no_grad():
-        experts.gate_up.copy_(0.2 * torch.randn(experts.gate_up.shape, generator=g))
-        experts.down.copy_(0.2 * torch.randn(experts.down.shape, generator=g))
+    gate_up = 0.2 * torch.randn(num_experts, 2 * inter, hidden, generator=g)
+    down = 0.2 * torch.randn(num_experts, hidden, inter, generator=g)
+    experts = ExpertWeights(num_experts, gate_up.to(dtype), down.to(dtype))
     x = torch.randn(tokens, hidden, generator=g).to(dtype)
     scores = torch.rand(tokens, num_experts, generator=g)
     if skip_expert is not None:
         scores[:, skip_expert] = -1.0  # nobody routes there: an empty group
     weights, ids = scores.topk(k, dim=-1)
     out = torch.randn(tokens, hidden, generator=g).to(dtype)  # what the shared experts left
-    return experts.to(dtype), x, weights / weights.sum(-1, keepdim=True), ids, out
+    return experts, x, weights / weights.sum(-1, keepdim=True), ids, out
 
 
 def per_token(experts, x, weights, ids, out) -> torch.Tensor:
@@ -78,14 +78,15 @@ def test_no_host_sync_in_the_routed_experts(backend: DenseMaskedExperts) -> None
 
 def test_selection_by_name_and_on_cpu() -> None:
     cpu = torch.device("cpu")
-    assert select_graph_safe_experts(cpu, torch.float32).name == "grouped-mm"
-    assert select_graph_safe_experts(cpu, torch.float32, "dense-masked").name == "dense-masked"
-    assert select_experts(cpu, torch.float32, "dense", "grouped-mm").name == "grouped-mm"
-    assert select_experts(cpu, torch.float32, "dense", "torch").name == "torch"
+    assert GroupedExperts.unsupported(Target(cpu, torch.float32)) is None  # torch's CPU reference runs it
+    assert select(MOE_EXPERTS, Target(cpu, torch.float32)).backend.name not in ("grouped-mm", "dense-masked")
+    assert select(MOE_EXPERTS, Target(cpu, torch.float32), "grouped-mm").backend.name == "grouped-mm"
+    assert select(MOE_EXPERTS, Target(cpu, torch.float32), "dense-masked").backend.name == "dense-masked"
+    assert select(MOE_EXPERTS, Target(cpu, torch.float32), "torch").backend.name == "torch"
 
 
-def test_released_dense_weights_keep_the_torch_path_and_forced_names_refuse() -> None:
-    cpu = torch.device("cpu")
-    assert select_experts(cpu, torch.float32, "onednn", "torch").name == "torch"
-    with pytest.raises(ValueError, match="dense stacked expert weights"):
-        select_experts(cpu, torch.float32, "onednn", "grouped-mm")
+def test_int8_weights_keep_the_torch_path_and_forced_names_refuse() -> None:
+    int8 = Target(torch.device("cpu"), torch.float32, "int8")
+    assert select(MOE_EXPERTS, int8, "torch").backend.name == "torch"
+    with pytest.raises(BackendError, match=r"--moe-backend grouped-mm: .* does not read int8 weights"):
+        select(MOE_EXPERTS, int8, "grouped-mm")

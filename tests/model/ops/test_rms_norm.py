@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from model.ops import cpu_extension
-from model.ops.rms_norm import CppRMSNorm, TorchRMSNorm, select_rms_norm
+from model.ops.registry import Target, select
+from model.ops.rms_norm import RMS_NORM, CppRMSNorm, TorchRMSNorm
 from tests.model.test_backend import _tiny
 
 
@@ -44,9 +45,10 @@ def test_bad_inputs_are_refused_with_a_message() -> None:
 
 
 def test_selected_for_bfloat16_only_and_used_by_the_model() -> None:
-    assert select_rms_norm(torch.device("cpu"), torch.bfloat16).name == "cpp"
+    cpu = torch.device("cpu")
+    assert select(RMS_NORM, Target(cpu, torch.bfloat16)).backend.name == "cpp"
     # float32 keeps torch's own sum order: the reference's bits.
-    assert select_rms_norm(torch.device("cpu"), torch.float32).name == "torch"
+    assert select(RMS_NORM, Target(cpu, torch.float32)).backend.name == "torch"
     layer = _tiny(torch.bfloat16, "cpp-bf16").decoder_layers[0]
-    assert layer.input_norm._norm.name == "cpp" and layer.post_attn_norm._norm.name == "cpp"
-    assert _tiny(torch.float32, "plain").decoder_layers[0].input_norm._norm.name == "torch"
+    assert layer.input_norm.backend.name == "cpp" and layer.post_attn_norm.backend.name == "cpp"
+    assert _tiny(torch.float32, "plain").decoder_layers[0].input_norm.backend.name == "torch"

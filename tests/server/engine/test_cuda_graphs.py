@@ -6,9 +6,9 @@ import random
 import pytest
 import torch
 
-from model import AttentionMetadata, CustomLLM, PagedLatentCache, load_model
+from model import AttentionMetadata, CustomLLM, PagedLatentCache
 from server.engine.cuda_graphs import DecodeGraphRunner, capture_sizes
-from tests.model.conftest import TINY, randomise
+from tests.model.conftest import TINY, random_model
 
 BS = 4  # tokens per block
 NUM_BLOCKS = 40  # usable blocks; block NUM_BLOCKS is the scratch block
@@ -18,9 +18,7 @@ MAX_SEQS = 8
 
 @pytest.fixture(scope="module")
 def model() -> CustomLLM:
-    m = load_model(None, dtype=torch.float32, config=TINY)
-    randomise(m, 3)
-    return m
+    return random_model(TINY, 3)
 
 
 def random_cache(seed: int) -> list[torch.Tensor]:
@@ -159,16 +157,7 @@ def test_no_host_sync_in_the_decode_forward() -> None:
 
     With the graph-safe backends CUDA uses (masked-dense experts: the grouped GEMM's tracing wants bf16; the torch
     decode attention: the CPU kernel is an opaque extension op)."""
-    import dataclasses
-
-    from model.ops.mla_decode import TorchMLADecode
-    from model.ops.moe_grouped import DenseMaskedExperts
-
-    m = load_model(None, dtype=torch.float32, config=TINY)
-    randomise(m, 3)
-    for layer in m.decoder_layers:
-        layer.self_attn._prepared = dataclasses.replace(layer.self_attn._prepared, decode=TorchMLADecode())
-        layer.mlp.moe._experts = DenseMaskedExperts()
+    m = random_model(TINY, 3, attention="torch", moe="dense-masked")
     ids, lens, tables = random_step(random.Random(3), 3)
     want, _ = eager(m, random_cache(4), ids, lens, tables)
     runner = make_runner(m, random_cache(4))

@@ -9,13 +9,13 @@ import random
 
 import torch
 
-from model import PagedLatentCache, load_model
+from model import PagedLatentCache
 from server.engine.engine import Engine
 from server.engine.model_runner import ModelRunner
 from server.engine.sampler import Sampler
 from server.engine.sampling_params import SamplingParams
 from server.engine.scheduler import SchedulerConfig
-from tests.model.conftest import randomise
+from tests.model.conftest import random_model
 from tests.server.engine_utils import run_all
 from tests.server.live import TINY_SERVE
 
@@ -24,10 +24,7 @@ NUM_REQUESTS, MAX_TOKENS = 12, 40
 
 def make_engine(dtype: torch.dtype, num_blocks: int = 256, max_num_batched_tokens: int = 512,
                 enable_prefix_caching: bool = True) -> Engine:
-    reference = load_model(None, dtype=torch.float32, config=TINY_SERVE)
-    randomise(reference, 0)
-    model = load_model(None, dtype=dtype, config=TINY_SERVE)
-    model.load_state_dict({k: v.to(dtype) for k, v in reference.state_dict().items()})  # re-prepares packed weights
+    model = random_model(TINY_SERVE, 0, dtype)
     cache = PagedLatentCache(TINY_SERVE, num_blocks, 16, dtype)
     config = SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=max_num_batched_tokens, max_model_len=256,
                              block_size=16, num_blocks=num_blocks, enable_prefix_caching=enable_prefix_caching)
