@@ -79,10 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--device", default="auto", choices=["auto", "cpu", "cuda"])
     add("--quantization", default="none", choices=list(QUANTIZATIONS),
         help="int8 = int8 weight-only linears with per-output-channel scales (about half the weight memory "
-             "and faster memory-bound decode on CPU; logits differ slightly from --dtype's, see README)")
+             "and faster memory-bound decode on CPU; logits differ slightly from --dtype's, see docs/performance.md)")
     for flag, (op, names) in BACKEND_FLAGS.items():
         add(flag, default="auto", choices=list(names),
-            help=f"how {op} runs (auto: the first that runs here and passes its self-check against the torch "
+            help=f"the backend of {op} (auto: the first that runs here and passes its self-check against the torch "
                  "oracle; the start-up log prints a table of the chosen backends); a named backend that cannot run "
                  "is an error")
     add("--served-model-name", default="customllm", help="the model id clients send and /v1/models lists")

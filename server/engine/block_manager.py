@@ -9,6 +9,7 @@ needs the space; they are then evicted least recently freed first.
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
+from model.kv_cache import blocks_for
 from server.engine.sequence import Sequence
 
 # The parent content id of every sequence's first block.
@@ -93,7 +94,7 @@ class BlockManager:
 
     def num_blocks_for(self, num_tokens: int) -> int:
         """Blocks needed to hold num_tokens tokens."""
-        return -(-num_tokens // self.block_size)
+        return blocks_for(num_tokens, self.block_size)
 
     # -- admission --------------------------------------------------------------------------
 

@@ -14,8 +14,8 @@ value back to the host (AttentionMetadata.graph_safe, the graph-safe MoE). Prefi
 logits and the sampler run after the replay, on the b real rows.
 On CPU (or with --enforce-eager) the same static-buffer path runs eagerly, which is how tests check it.
 
-NOTE: a captured graph holds the addresses of the model's prepared weights and of the cache: re-preparing the
-model after capture (load_state_dict, prepare_for_inference) leaves the graphs reading freed memory.
+NOTE: a captured graph holds the addresses of the model's processed weights and of the cache, so capture comes
+after `process_weights` (weights are processed once, and never replaced afterwards).
 
 Threading: engine thread only. The hidden states returned by `run` are a view into the static output, valid until
 the next `run`.

@@ -8,6 +8,7 @@ import dataclasses
 import torch
 
 from model import PagedLatentCache
+from model.kv_cache import blocks_for
 from server.engine.cuda_graphs import DecodeGraphRunner
 from server.engine.engine import Engine
 from server.engine.model_runner import ModelRunner
@@ -29,7 +30,7 @@ def make_engine(num_blocks: int = 256, block_size: int = 4, max_num_seqs: int = 
     decode = None
     if static_decode:
         decode = DecodeGraphRunner(model, cache.layers, max_num_seqs=max_num_seqs,
-                                   max_blocks_per_seq=-(-max_model_len // block_size), block_size=block_size,
+                                   max_blocks_per_seq=blocks_for(max_model_len, block_size), block_size=block_size,
                                    scratch_block=num_blocks, use_cuda_graphs=False)
     config = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                           max_model_len=max_model_len, block_size=block_size, num_blocks=num_blocks,
