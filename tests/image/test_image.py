@@ -154,7 +154,9 @@ def test_the_container_logs_its_backends(engine: Engine, container: Container) -
     """Which fast path runs is logged once at load; on a CPU the extension supports (AVX2 and up), the image's
     prebuilt extension runs, not the torch fallback (the runtime stage has no compiler to build one)."""
     logs = _logs(engine, container.name)
-    backends = dict(re.findall(r"(linear|MLA decode|MoE experts) backend for cpu [\w.]+: (\S+)", logs))
+    # The start-up table: "backends for cpu <dtype>:", then one "  <op>  <backend>  <why>" line per op.
+    assert re.search(r"backends for cpu [\w.]+:", logs), logs
+    backends = dict(re.findall(r"^ +(linear|MLA decode|MoE experts) {2,}(\S+) ", logs, re.M))
     print(f"backends in the container: {backends}")
     assert {"linear", "MLA decode", "MoE experts"} <= set(backends), logs
     assert "CPU extension" in logs, logs
