@@ -83,3 +83,26 @@ def live_server(checkpoint: Path, settings: ServerSettings | None = None, chat_t
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+@contextmanager
+def engine_held_after(server: LiveServer, num_steps: int) -> Iterator[threading.Event]:
+    """Model steps after the engine's next `num_steps` wait until the yielded event is set (or the block ends), so a
+    test sees its request in flight however fast this machine generates. Aborts and new requests queue meanwhile."""
+    release, execute = threading.Event(), server.engine.runner.execute
+    calls = 0
+
+    def held(*args: object, **kwargs: object) -> object:
+        nonlocal calls
+        calls += 1
+        if calls > num_steps:
+            assert release.wait(60), "the test never released the engine"
+        return execute(*args, **kwargs)
+
+    server.engine.runner.execute = held
+    try:
+        yield release
+    finally:
+        release.set()
+        del server.engine.runner.execute  # the instance attribute goes: the method is the class's again
+

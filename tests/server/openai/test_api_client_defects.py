@@ -13,7 +13,7 @@ import httpx
 
 from server.openai.api import ServerSettings
 from server.tokenizer import Tokenizer
-from tests.server.live import live_server
+from tests.server.live import engine_held_after, live_server
 from tests.server.sse import DONE, assert_error, completion_text, iter_sse, stream_chunks
 
 MAX_MODEL_LEN = 512  # the tiny checkpoint's
@@ -184,11 +184,12 @@ def test_queue_limit_and_metric_count_requests_not_samples(tiny_checkpoint: Path
     with live_server(tiny_checkpoint, ServerSettings(max_queued_requests=2), max_num_seqs=2) as server, \
             server.client() as http:
         wide = {"prompt": "wide", "n": 8, "max_tokens": 120, "ignore_eos": True, "stream": True}
-        with http.stream("POST", "/v1/completions", json=wide) as response:
+        with engine_held_after(server, 1) as release, http.stream("POST", "/v1/completions", json=wide) as response:
             events = iter_sse(response)
             next(events)  # the n=8 request runs: 2 samples in the batch, 6 waiting for a slot
             assert server.metric("customllm_num_requests_waiting") == 0
             assert server.metric("customllm_num_requests_running") == 1
+            release.set()
             results: list[httpx.Response] = []
 
             def fire() -> None:

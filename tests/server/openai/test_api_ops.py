@@ -12,7 +12,7 @@ import pytest
 
 from server.openai.api import ServerSettings
 from server.tokenizer import Tokenizer
-from tests.server.live import LiveServer, live_server
+from tests.server.live import LiveServer, engine_held_after, live_server
 from tests.server.openai.ops_helpers import idle, wait_for
 from tests.server.sse import DONE, assert_error, iter_sse
 
@@ -131,14 +131,16 @@ LONG = {"prompt": "hello", "max_tokens": MAX_MODEL_LEN - 32, "ignore_eos": True}
 def test_disconnect_mid_stream_aborts_and_frees_the_cache(server: LiveServer) -> None:
     wait_for(lambda: idle(server), what="idle before the request")
     aborts = server.metric("customllm_request_success_total", {"finish_reason": "abort"})
-    with httpx.Client(base_url=server.base_url, timeout=30) as client, \
+    # The engine waits after 5 steps until the client has gone, so the request is running when it leaves; the
+    # server notices when it next writes to the closed connection.
+    with engine_held_after(server, 5), httpx.Client(base_url=server.base_url, timeout=30) as client, \
             client.stream("POST", "/v1/completions", json=LONG | {"stream": True}) as response:
         events = iter_sse(response)
         for _ in range(3):
             assert next(events) != DONE
         assert server.metric("customllm_num_requests_running") == 1
         assert server.metric("customllm_kv_cache_usage_ratio") > 0
-    # The connection is closed here, long before 480 tokens.
+    # The connection was closed there, long before 480 tokens.
     wait_for(lambda: idle(server), timeout=2.0, what="running 0 and cache usage 0 after the disconnect")
     assert server.metric("customllm_request_success_total", {"finish_reason": "abort"}) == aborts + 1
     steps = server.engine.num_steps

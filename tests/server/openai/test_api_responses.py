@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from server.tokenizer import Tokenizer
-from tests.server.live import LiveServer
+from tests.server.live import LiveServer, engine_held_after
 from tests.server.openai.ops_helpers import idle, wait_for
 from tests.server.openai.responses_helpers import R, respond, stable, stream_events
 from tests.server.sse import assert_error, iter_sse
@@ -205,7 +205,9 @@ def test_disconnect_mid_stream_aborts_the_request(server: LiveServer) -> None:
     wait_for(lambda: idle(server), what="idle before the request")
     aborts = server.metric("customllm_request_success_total", {"finish_reason": "abort"})
     body = {"input": "Tell me everything.", "max_output_tokens": 400, "stream": True}
-    with httpx.Client(base_url=server.base_url, timeout=30) as client, \
+    # The engine waits after 8 steps until the client has gone, so the request is running when it leaves; the
+    # server notices when it next writes to the closed connection.
+    with engine_held_after(server, 8), httpx.Client(base_url=server.base_url, timeout=30) as client, \
             client.stream("POST", R, json=body) as response:
         events = iter_sse(response)
         for _ in range(5):

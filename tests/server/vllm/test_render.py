@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import threading
-from typing import Any
-
 import httpx
-import pytest
 
-from tests.server.live import LiveServer
+from tests.server.live import LiveServer, engine_held_after
 
 
 def _tokens(http: httpx.Client, **body: object) -> list[int]:
@@ -68,32 +64,16 @@ def test_render_rejects_what_generation_rejects_with_the_same_error(http: httpx.
     assert http.post("/v1/completions/render", json={"prompt": "x", "bogus": 1}).status_code == 400
 
 
-def test_get_load_counts_the_requests_in_flight(server: LiveServer, http: httpx.Client,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_get_load_counts_the_requests_in_flight(server: LiveServer, http: httpx.Client) -> None:
     assert http.get("/get_load").json() == {"load": 0, "num_reqs": 0, "num_waiting_reqs": 0}
-    # The engine's second model step waits for the test, so the request is in flight when /get_load is asked,
-    # however fast this machine generates.
-    release, execute = threading.Event(), server.engine.runner.execute
-    num_steps = 0
-
-    def held_after_first_step(*args: Any, **kwargs: Any) -> Any:
-        nonlocal num_steps
-        num_steps += 1
-        if num_steps > 1:
-            assert release.wait(60), "the test never released the engine"
-        return execute(*args, **kwargs)
-
-    monkeypatch.setattr(server.engine.runner, "execute", held_after_first_step)
     body = {"prompt": "Count to a thousand", "max_tokens": 3, "ignore_eos": True, "stream": True}
-    try:
-        with http.stream("POST", "/v1/completions", json=body) as stream:
-            lines = stream.iter_lines()
-            next(lines)  # the first chunk: the request is running
-            load = http.get("/get_load").json()
-            release.set()
-            assert [line for line in lines if line.startswith("data: ")][-1] == "data: [DONE]"
-    finally:
+    # The engine's second step waits, so the request is in flight when /get_load is asked.
+    with engine_held_after(server, 1) as release, http.stream("POST", "/v1/completions", json=body) as stream:
+        lines = stream.iter_lines()
+        next(lines)  # the first chunk: the request is running
+        load = http.get("/get_load").json()
         release.set()
+        assert [line for line in lines if line.startswith("data: ")][-1] == "data: [DONE]"
     assert load == {"load": 1, "num_reqs": 1, "num_waiting_reqs": 0}
     assert http.get("/get_load").json() == {"load": 0, "num_reqs": 0, "num_waiting_reqs": 0}
 
