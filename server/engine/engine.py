@@ -212,13 +212,13 @@ class Engine:
     def _emit(self, update: SequenceUpdate, now: float | None = None) -> None:
         """Hand one sequence's step result to its request's stream; count it finished if it ended."""
         seq, item = update.seq, update.sampled
-        params = seq.params
-        lp: list[float] | None = [] if params.logprobs is not None else None
+        stream = self._streams[seq.seq_id]
+        lp: list[float] | None = [] if seq.params.logprobs is not None else None
         output = SequenceOutput(seq.index, [], lp, [] if lp is not None else None, update.finish_reason)
         if item is not None:
             assert now is not None, "a sampled token needs the step's time"
             if seq.num_generated_tokens == 1 and seq.num_preemptions == 0:
-                self._streams[seq.seq_id].num_cached_tokens = seq.num_cached_tokens
+                stream.num_cached_tokens = seq.num_cached_tokens
             if seq.first_token_time is None:
                 seq.first_token_time = now
             elif self.metrics is not None and seq.last_token_time is not None:
@@ -231,7 +231,6 @@ class Engine:
         if (item is not None and seq.num_generated_tokens == 1) or (item is None and update.finish_reason == "length"
                                                                    and seq.max_tokens == 0):
             output.prompt_logprobs = self._take_prompt_logprobs(seq)
-        stream = self._streams[seq.seq_id]
         if update.finish_reason is not None:
             self._count_finished(seq, update.finish_reason, stream)
         stream.put(output)
@@ -261,19 +260,19 @@ class Engine:
     def _report_step(self, num_tokens: int, expert_counts: list[list[int]] | None = None) -> None:
         self._num_running_requests = len({s.request_id for s in self.scheduler.running})
         if self.metrics is not None:
-            self.metrics.record_step(self.scheduler.make_stats(num_tokens, self._num_unfinished_requests,
-                                                               expert_counts))
+            self.metrics.record_step(self.scheduler.make_stats(num_tokens, self.num_requests_running,
+                                                               self.num_requests_waiting, expert_counts))
 
     def _fail_all(self, reason: str) -> None:
         """End every request still queued or running (on shutdown or when the thread dies)."""
         with self._lock:
             self._closed = True
             inbox, self._inbox = self._inbox, []
+        leftovers = [*self.scheduler.waiting, *self.scheduler.running]  # taken first: every stream must end
         try:
-            leftovers = self.scheduler.abort(None)
-        except Exception:  # the scheduler may be what broke; the streams must still end
+            self.scheduler.abort(None)
+        except Exception:  # the scheduler may be what broke
             logger.exception("could not free the scheduler's sequences")
-            leftovers = [*self.scheduler.waiting, *self.scheduler.running]
         for seq in [*leftovers, *inbox]:
             seq.status = SequenceStatus.FINISHED
             self._emit(SequenceUpdate(seq, None, reason))

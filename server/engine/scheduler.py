@@ -187,13 +187,13 @@ class Scheduler:
         """Cumulative tokens found in the prefix cache at admission."""
         return self.block_manager.num_prefix_hit_tokens
 
-    def make_stats(self, num_batched_tokens: int, num_unfinished_requests: int,
+    def make_stats(self, num_batched_tokens: int, num_running_reqs: int, num_waiting_reqs: int,
                    expert_counts: list[list[int]] | None = None) -> SchedulerStats:
-        """The state after a step, for metrics; counters as deltas since the previous call."""
+        """The state after a step, for metrics (the request counts are the engine's, which also sees its inbox);
+        counters as deltas since the previous call."""
         now = (self.num_preemptions, self.num_prefix_queries_tokens, self.num_prefix_hit_tokens)
         last, self._reported = self._reported, now
-        num_running = min(len({s.request_id for s in self.running}), num_unfinished_requests)
-        return SchedulerStats(num_batched_tokens, num_running, num_unfinished_requests - num_running, self.block_usage,
+        return SchedulerStats(num_batched_tokens, num_running_reqs, num_waiting_reqs, self.block_usage,
                               now[0] - last[0], now[1] - last[1], now[2] - last[2], expert_counts)
 
     # -- the step ---------------------------------------------------------------------------

@@ -72,7 +72,9 @@ class Sequence:
         self.skip_reading_prefix_cache = False
         # How to pick its tokens (params, seeded generator, counts for the penalties, grammar); plain sampling with
         # these max_tokens when not given (the scheduler's tests).
-        self.sampling = sampling or SamplingState(SamplingParams(max_tokens=max_tokens), prompt_token_ids)
+        if sampling is None:
+            sampling = SamplingState(SamplingParams(max_tokens=max_tokens), prompt_token_ids)
+        self.sampling = sampling
         self.index = index  # which of its request's n samples
         self.first_token_time: float | None = None
         self.last_token_time: float | None = None

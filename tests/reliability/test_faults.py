@@ -172,13 +172,22 @@ def _kill_by_scheduler(server: LiveServer, monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setattr(server.engine.scheduler, "schedule", schedule)
 
 
+def _kill_by_scheduler_and_its_cleanup(server: LiveServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Freeing blocks fails too, so the engine's clean-up cannot rely on the scheduler: every stream must still end.
+    def free(*_: Any) -> None:
+        raise RuntimeError("block manager broken (injected)")
+    monkeypatch.setattr(server.engine.scheduler.block_manager, "free", free)
+    _kill_by_scheduler(server, monkeypatch)
+
+
 def _kill_by_runner(server: LiveServer, monkeypatch: pytest.MonkeyPatch) -> None:
     fault = StepFault(server.engine.runner.execute, EngineCrash("fatal (injected)"))
     fault.armed = 1
     monkeypatch.setattr(server.engine.runner, "execute", fault)
 
 
-@pytest.mark.parametrize("kill", [_kill_by_scheduler, _kill_by_runner], ids=["scheduler-raises", "fatal-in-step"])
+@pytest.mark.parametrize("kill", [_kill_by_scheduler, _kill_by_scheduler_and_its_cleanup, _kill_by_runner],
+                         ids=["scheduler-raises", "scheduler-and-cleanup-raise", "fatal-in-step"])
 def test_dead_engine_answers_503_and_in_flight_requests_end(tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch,
                                                             kill: Callable[[LiveServer, pytest.MonkeyPatch],
                                                                            None]) -> None:
