@@ -91,12 +91,14 @@ class ModelRunner:
         asked for them, else None."""
         if routed is None:
             return [None] * len(scheduled)
-        # One copy to the host (the decode runner's buffer is rewritten by the next step), views of it per sequence.
-        host = routed.to("cpu", copy=True).numpy()
+        # One read-back, then each asking sequence copies its rows out: on CPU .cpu() is the decode runner's static
+        # buffer itself, rewritten by the next step, and a view would keep the whole step's array alive.
+        host = routed.cpu().numpy()
         rows: list[np.ndarray | None] = []
         start = 0
         for s in scheduled:
-            rows.append(host[start:start + s.num_new_tokens] if s.seq.routed_experts is not None else None)
+            asked = s.seq.routed_experts is not None
+            rows.append(host[start:start + s.num_new_tokens].copy() if asked else None)
             start += s.num_new_tokens
         return rows
 

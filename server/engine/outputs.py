@@ -51,8 +51,9 @@ class SequenceOutput:
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     # With the sample's first output, if it asked for them: entry i scores prompt token i (None for token 0).
     prompt_logprobs: list[PromptLogprob | None] | None = None
-    # If it asked for them: the routed experts [t, L, K] int32 of the tokens the model read to produce these tokens.
-    routed_experts: np.ndarray | None = None
+    # If it asked for them: the routed experts of the tokens the model read to produce these tokens, as pieces
+    # [t, L, K] int32 in token order (merged outputs append pieces: nothing is copied on the engine thread).
+    routed_experts: list[np.ndarray] | None = None
 
 
 class RequestStream:
@@ -86,8 +87,7 @@ class RequestStream:
                 if out.prompt_logprobs is not None:
                     pending.prompt_logprobs = out.prompt_logprobs
                 if out.routed_experts is not None:
-                    pending.routed_experts = (out.routed_experts if pending.routed_experts is None
-                                              else np.concatenate((pending.routed_experts, out.routed_experts)))
+                    pending.routed_experts = (pending.routed_experts or []) + out.routed_experts
         with contextlib.suppress(RuntimeError):  # the consumer's loop is closed: nobody listens any more
             self._loop.call_soon_threadsafe(self._wakeup.set)
 

@@ -37,12 +37,12 @@ class RoutedExpertsRecord:
             self._pending.append(new)
             self.num_rows += len(new)
 
-    def take(self) -> np.ndarray | None:
-        """The rows [t, L, K] recorded since the last take, in position order; None when there are none."""
+    def take(self) -> list[np.ndarray] | None:
+        """The rows recorded since the last take, as pieces [t, L, K] in position order; None when there are none."""
         if not self._pending:
             return None
         pending, self._pending = self._pending, []
-        return pending[0] if len(pending) == 1 else np.concatenate(pending)
+        return pending
 
 
 def record_step(scheduled: list[ScheduledSequence], rows: list[np.ndarray | None]) -> None:

@@ -121,12 +121,13 @@ class ChoiceBuilder:
 
     def _emit(self, text: str, out: SequenceOutput) -> str:
         self.text += text
-        if out.routed_experts is not None:
-            # Rows of the tokens the model read for the tokens kept: the prompt's, then each kept token's but the
-            # last (a stop string may end the choice before the output's last token).
-            keep = self._num_prompt_tokens + max(self.num_tokens - 1, 0) - self._num_routed_rows
-            rows = out.routed_experts[:keep]
+        # Rows of the tokens the model read for the tokens kept: the prompt's, then each kept token's but the last (a
+        # stop string may end the choice before the output's last token).
+        keep = self._num_prompt_tokens + max(self.num_tokens - 1, 0) - self._num_routed_rows
+        for piece in out.routed_experts or []:
+            rows = piece[:keep]
             if len(rows):
                 self._routed.append(rows)
                 self._num_routed_rows += len(rows)
+                keep -= len(rows)
         return text

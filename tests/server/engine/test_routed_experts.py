@@ -40,7 +40,7 @@ async def collect(engine: Engine, request_id: str, prompt_ids: list[int],
             tokens.setdefault(out.index, []).extend(out.token_ids)
             if out.routed_experts is not None:
                 assert out.token_ids, "rows travel with tokens"
-                rows.setdefault(out.index, []).append(out.routed_experts)
+                rows.setdefault(out.index, []).extend(out.routed_experts)
     return {i: (t, np.concatenate(rows[i]) if i in rows else None) for i, t in tokens.items()}
 
 
@@ -164,9 +164,9 @@ def test_record_keeps_one_row_per_position() -> None:
     record = RoutedExpertsRecord()
     record.add(0, rows[:4])  # a prefill chunk
     record.add(4, rows[4:7])  # the next chunk
-    assert np.array_equal(record.take(), rows[:7])
+    assert np.array_equal(np.concatenate(record.take() or []), rows[:7])
     assert record.take() is None
     record.add(0, rows[:8])  # recomputed after a preemption: only position 7 is new
-    assert np.array_equal(record.take(), rows[7:8])
+    assert np.array_equal(np.concatenate(record.take() or []), rows[7:8])
     with pytest.raises(AssertionError, match="without one"):
         record.add(9, rows[9:])  # position 8 was never computed

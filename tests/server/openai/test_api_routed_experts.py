@@ -159,7 +159,8 @@ def test_coalesced_output_cut_by_a_stop_string_keeps_the_kept_tokens_rows(tok: T
     prompt_ids, tokens = tok.encode("Once"), tok.encode(" upon a time there")
     builder = ChoiceBuilder(0, tok, prompt_ids, [" a"], False, True, ())
     rows = np.arange((len(prompt_ids) + len(tokens) - 1) * 6, dtype=np.int32).reshape(-1, 2, 3)
-    builder.add(SequenceOutput(0, tokens, routed_experts=rows))
+    # Two steps' pieces merged into one output: the prompt and " upon"'s rows, then the rows of the other three.
+    builder.add(SequenceOutput(0, tokens, routed_experts=[rows[:len(prompt_ids)], rows[len(prompt_ids):]]))
     assert builder.finish_reason == "stop" and builder.token_ids == tokens[:2]  # " upon", " a"
     routed = builder.routed_experts()
     assert routed is not None and routed.shape == [len(prompt_ids) + 1, 2, 3]
