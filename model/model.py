@@ -35,9 +35,10 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata,
-                cache: torch.Tensor, expert_counts: torch.Tensor | None) -> torch.Tensor:
+                cache: torch.Tensor, expert_counts: torch.Tensor | None,
+                routed_experts: torch.Tensor | None) -> torch.Tensor:
         x = x + self.self_attn(self.input_norm(x), cos, sin, meta, cache)
-        return x + self.mlp.moe(self.post_attn_norm(x), expert_counts)
+        return x + self.mlp.moe(self.post_attn_norm(x), expert_counts, routed_experts)
 
 
 class CustomLLM(nn.Module):
@@ -69,15 +70,18 @@ class CustomLLM(nn.Module):
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                kv_caches: list[torch.Tensor], expert_counts: torch.Tensor | None = None) -> torch.Tensor:
+                kv_caches: list[torch.Tensor], expert_counts: torch.Tensor | None = None,
+                routed_experts: torch.Tensor | None = None) -> torch.Tensor:
         """Hidden states [T, D] for a flat batch. input_ids, positions [T]; expert_counts [layers, E] accumulates
-        the tokens routed to each expert when given."""
+        the tokens routed to each expert when given; routed_experts [T, layers, K] int32 receives each token's
+        top-k routed expert ids per layer when given."""
         assert self.backends is not None, NOT_PROCESSED
         x = self.token_embeddings(input_ids) + self.position_embeddings(positions)
         cos, sin = rope_cos_sin(positions, self.config.rope_dim, self.config.rope_theta)
         for i, layer in enumerate(self.decoder_layers):
             counts = expert_counts[i] if expert_counts is not None else None
-            x = layer(x, cos, sin, meta, kv_caches[i], counts)
+            routed = routed_experts[:, i] if routed_experts is not None else None  # [T, K], a strided view
+            x = layer(x, cos, sin, meta, kv_caches[i], counts, routed)
         return x
 
     @torch.inference_mode()

@@ -73,11 +73,16 @@ class MoE(nn.Module):
         weights, experts = probs.topk(self.top_k, dim=-1)
         return weights / weights.sum(dim=-1, keepdim=True), experts
 
-    def forward(self, x: torch.Tensor, expert_counts: torch.Tensor | None = None) -> torch.Tensor:
-        """x [T, D] -> [T, D]. expert_counts [E], if given, gains the number of tokens each expert received."""
+    def forward(self, x: torch.Tensor, expert_counts: torch.Tensor | None = None,
+                routed_experts: torch.Tensor | None = None) -> torch.Tensor:
+        """x [T, D] -> [T, D]. expert_counts [E], if given, gains the number of tokens each expert received;
+        routed_experts [T, K] int32, if given, receives each token's top-k expert ids in the router's order."""
         assert self.experts is not None and self.shared is not None and self.routed is not None, NOT_PROCESSED
         out = self.experts.shared(self.shared, x)
         weights, experts = self.route(x)  # [T, K] each
+        # Both written on the device, no host sync (CUDA graphs).
         if expert_counts is not None:
-            expert_counts += count_experts(experts, self.num_routed_experts)  # no host sync (CUDA graphs)
+            expert_counts += count_experts(experts, self.num_routed_experts)
+        if routed_experts is not None:
+            routed_experts.copy_(experts)
         return self.experts.routed(self.routed, x, weights, experts, out)

@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="no CUDA graphs: every decode step runs eagerly (vLLM's flag)")
     add("--block-size", type=_positive_int, default=16, help="tokens per KV cache block")
     add("--enable-prefix-caching", type=_bool, default=True, help="reuse cached blocks of shared prefixes")
+    add("--enable-return-routed-experts", type=_bool, nargs="?", const=True, default=False,
+        help="let requests ask for return_routed_experts: each token's top-k routed expert ids in every layer, "
+             "base64 in each choice (SGLang's flag; docs/api.md). Steps where no request asks run as without it")
     add("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
     add("--seed", type=int, default=0, help="seed for random weights and for unseeded sampling")
     add("--max-queued-requests", type=_positive_int, default=1024,
@@ -141,7 +144,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                               max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
                               block_size=args.block_size, enable_prefix_caching=args.enable_prefix_caching,
                               eos_token_id=tokenizer.eos_token_id, metrics=metrics,
-                              enforce_eager=args.enforce_eager, gpu_memory_utilization=args.gpu_memory_utilization)
+                              enforce_eager=args.enforce_eager, gpu_memory_utilization=args.gpu_memory_utilization,
+                              enable_return_routed_experts=args.enable_return_routed_experts)
         if engine.vocab_size != tokenizer.vocab_size:
             raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
                              f"{engine.vocab_size}; pass the matching --tokenizer")

@@ -117,7 +117,7 @@ def build_engine(model_path: str | None, *, dtype: str = "auto", device: str = "
                  max_model_len: int | None = None, block_size: int = 16, enable_prefix_caching: bool = True,
                  eos_token_id: int = 0, metrics: ServerMetrics | None = None,
                  model_config: ModelConfig | None = None, enforce_eager: bool = False,
-                 gpu_memory_utilization: float = 0.9) -> Engine:
+                 gpu_memory_utilization: float = 0.9, enable_return_routed_experts: bool = False) -> Engine:
     """Load the model, size its cache and capture the decode graphs (CUDA); the engine is returned not yet started.
 
     kv_cache_tokens None: 2GiB on CPU; on CUDA what gpu_memory_utilization leaves free after the weights.
@@ -166,7 +166,8 @@ def build_engine(model_path: str | None, *, dtype: str = "auto", device: str = "
     if use_graphs:
         decode_runner = DecodeGraphRunner(model, cache.layers, max_num_seqs=max_num_seqs,
                                           max_blocks_per_seq=blocks_for(max_len, block_size), block_size=block_size,
-                                          scratch_block=num_blocks, use_cuda_graphs=True)
+                                          scratch_block=num_blocks, use_cuda_graphs=True,
+                                          record_routed_experts=enable_return_routed_experts)
         try:
             off_main_thread(decode_runner.capture_all)
         except RuntimeError as exc:  # e.g. an op that syncs with the host: serve eagerly rather than not at all
@@ -180,5 +181,5 @@ def build_engine(model_path: str | None, *, dtype: str = "auto", device: str = "
                                  str(torch_dtype).removeprefix("torch."))
         metrics.set_info(model_path or "random-seed-weights", str(torch_dtype).removeprefix("torch."),
                          str(torch_device))
-    runner = ModelRunner(model, cache, Sampler(seed=seed), eos_token_id, decode_runner)
+    runner = ModelRunner(model, cache, Sampler(seed=seed), eos_token_id, decode_runner, enable_return_routed_experts)
     return Engine(runner, scheduler_config, config.vocab_size, metrics)

@@ -1,7 +1,7 @@
 """Decode steps over static buffers, replayed as CUDA graphs on GPU.
 
 Shapes: b decode sequences in the step, B its bucket (the captured batch size >= b), MB block-table width
-(max_model_len / block_size), D hidden, E routed experts.
+(max_model_len / block_size), D hidden, E routed experts, L layers, K routed experts per token.
 
 Why: a decode step of this 1B model launches ~1.5-2k kernels (30 layers); at 5-10 us per launch that is 10-20 ms
 against a 0.19 ms bandwidth bound on an H200. A CUDA graph replays the whole step as one launch.
@@ -11,7 +11,10 @@ block tables), written by one host-to-device copy per step. A step of b sequence
 smallest bucket B >= b; rows b..B are padding: token 0 at position 0 with a context of 1 (so no row is all-masked),
 writing and reading only one slot of a reserved scratch block that no sequence owns. The forward must never read a
 value back to the host (AttentionMetadata.graph_safe, the graph-safe MoE). Prefill and mixed steps stay eager;
-logits and the sampler run after the replay, on the b real rows.
+logits and the sampler run after the replay, on the b real rows. A step with a sequence that asked for its routed
+experts replays a second graph of the bucket, which also writes every token's top-k expert ids to a static
+[B, L, K] buffer (captured at start-up with --enable-return-routed-experts): steps where nobody asks replay the same
+graph as without the flag.
 On CPU (or with --enforce-eager) the same static-buffer path runs eagerly, which is how tests check it.
 
 NOTE: a captured graph holds the addresses of the model's processed weights and of the cache, so capture comes
@@ -65,7 +68,8 @@ class DecodeGraphRunner:
     """Runs all-decode steps of up to max_num_seqs sequences through per-bucket static buffers (graphs on CUDA)."""
 
     def __init__(self, model: CustomLLM, caches: list[torch.Tensor], *, max_num_seqs: int, max_blocks_per_seq: int,
-                 block_size: int, scratch_block: int, use_cuda_graphs: bool) -> None:
+                 block_size: int, scratch_block: int, use_cuda_graphs: bool,
+                 record_routed_experts: bool = False) -> None:
         device = caches[0].device
         assert not use_cuda_graphs or device.type == "cuda", f"CUDA graphs need a CUDA cache, not {device}"
         assert 0 <= scratch_block < caches[0].shape[0], f"scratch block {scratch_block} outside the cache"
@@ -76,6 +80,7 @@ class DecodeGraphRunner:
         self.block_size = block_size
         self.scratch_block = scratch_block
         self.use_cuda_graphs = use_cuda_graphs
+        self.record_routed_experts = record_routed_experts  # capture_all also prepares the recording graphs
         self.buckets = capture_sizes(max_num_seqs)
         config = model.config
         width = _FIELDS * max_num_seqs + max_num_seqs * max_blocks_per_seq
@@ -88,7 +93,11 @@ class DecodeGraphRunner:
         self._empty = torch.zeros(0, dtype=torch.int64, device=device)
         self._expert_counts = torch.zeros(config.num_hidden_layers, config.num_routed_experts, dtype=torch.int64,
                                           device=device)
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._routed_experts = torch.zeros(max_num_seqs, config.num_hidden_layers, config.top_k_experts,
+                                           dtype=torch.int32, device=device)
+        # (bucket, records routed experts) -> its graph and static output
+        self._graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._prepared: set[tuple[int, bool]] = set()
         self._pad_counts: dict[int, torch.Tensor] = {}  # bucket -> expert counts of one padding row [layers, E]
         self._pool: Any = None  # the graphs' shared memory pool (torch.cuda's private handle type)
         self._fill_host([], [], [], [], 0, max_num_seqs)
@@ -126,15 +135,18 @@ class DecodeGraphRunner:
         host[2 * n + b:2 * n + bucket] = self.scratch_block * bs  # ... writing the scratch block's first slot
         host[3 * n + b:3 * n + bucket] = 1  # ... and reading only that slot
 
-    def _forward(self, bucket: int) -> torch.Tensor:
-        """The decode forward over the first `bucket` rows of the static buffers: hidden states [B, D]."""
+    def _forward(self, bucket: int, record_routed: bool) -> torch.Tensor:
+        """The decode forward over the first `bucket` rows of the static buffers: hidden states [B, D] (and, when
+        record_routed, the routed experts [B, L, K] in their static buffer)."""
         lens = self._view(3, bucket)
         meta = StaticDecodeMetadata(
             slot_mapping=self._view(2, bucket), num_prefill_tokens=0, prefill_query_lens=[], prefill_context_lens=[],
             prefill_context_slots=self._empty, decode_block_tables=self._tables(bucket),
             decode_valid=self._positions_range[None, :] < lens[:, None], graph_safe=True, context_lens=lens)
         self._expert_counts.zero_()
-        return self.model(self._view(0, bucket), self._view(1, bucket), meta, self.caches, self._expert_counts)
+        routed = self._routed_experts[:bucket] if record_routed else None
+        return self.model(self._view(0, bucket), self._view(1, bucket), meta, self.caches, self._expert_counts,
+                          routed)
 
     # -- buckets ------------------------------------------------------------------------------------
 
@@ -144,7 +156,7 @@ class DecodeGraphRunner:
     def can_run(self, num_seqs: int, tables: Sequence[Sequence[int]]) -> bool:
         return 1 <= num_seqs <= self.max_num_seqs and all(len(t) <= self.max_blocks for t in tables)
 
-    def _prepare_bucket(self, bucket: int) -> None:
+    def _prepare_bucket(self, bucket: int, record_routed: bool = False) -> None:
         """Capture the bucket's graph (CUDA) and measure what one padding row adds to the expert counts."""
         self._fill_host([], [], [], [], 0, bucket)
         self._device.copy_(self._host, non_blocking=True)
@@ -153,16 +165,17 @@ class DecodeGraphRunner:
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):  # warm-up outside the capture: Triton compiles, cuBLAS picks kernels
                 for _ in range(2):
-                    self._forward(bucket)
+                    self._forward(bucket, record_routed)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool):
-                out = self._forward(bucket)
+                out = self._forward(bucket, record_routed)
             self._pool = graph.pool()
-            self._graphs[bucket] = (graph, out)
+            self._graphs[bucket, record_routed] = (graph, out)
             graph.replay()
         else:
-            self._forward(bucket)
+            self._forward(bucket, record_routed)
+        self._prepared.add((bucket, record_routed))
         # Every padding row is the same token at the same position over the same one-slot context, so each routes
         # the same way; their share is subtracted from a step's counts.
         counts = self._expert_counts.clone()
@@ -175,23 +188,27 @@ class DecodeGraphRunner:
         """Prepare every bucket, largest first, so the smaller graphs fit in the memory pool the largest made."""
         for bucket in reversed(self.buckets):
             self._prepare_bucket(bucket)
+            if self.record_routed_experts:
+                self._prepare_bucket(bucket, record_routed=True)
         if self.use_cuda_graphs:
             logger.info("captured %d decode CUDA graphs, batch sizes %s", len(self._graphs), self.buckets)
 
     def run(self, ids: Sequence[int], positions: Sequence[int], context_lens: Sequence[int],
-            tables: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """One decode step of b sequences: hidden states [b, D] and the step's expert counts [layers, E]."""
+            tables: Sequence[Sequence[int]], record_routed: bool = False,
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """One decode step of b sequences: hidden states [b, D], the step's expert counts [layers, E] and, when
+        record_routed, the routed experts [b, L, K] (like the hidden states, a view valid until the next run)."""
         b = len(ids)
         assert self.can_run(b, tables), f"{b} sequences / block tables do not fit the decode runner"
         bucket = self.bucket_for(b)
-        if bucket not in self._pad_counts:
-            self._prepare_bucket(bucket)
+        if (bucket, record_routed) not in self._prepared:
+            self._prepare_bucket(bucket, record_routed)
         self._fill_host(ids, positions, context_lens, tables, b, bucket)
         self._device.copy_(self._host, non_blocking=True)
         if self.use_cuda_graphs:
-            graph, out = self._graphs[bucket]
+            graph, out = self._graphs[bucket, record_routed]
             graph.replay()
         else:
-            out = self._forward(bucket)
+            out = self._forward(bucket, record_routed)
         counts = self._expert_counts - (bucket - b) * self._pad_counts[bucket]
-        return out[:b], counts
+        return out[:b], counts, self._routed_experts[:b] if record_routed else None

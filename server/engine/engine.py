@@ -19,6 +19,7 @@ from collections.abc import Callable
 from server.engine.grammar import CompiledGrammar
 from server.engine.model_runner import ModelRunner
 from server.engine.outputs import RequestStream, SequenceOutput
+from server.engine.routed_experts import RoutedExpertsRecord, record_step
 from server.engine.sampler_state import PromptLogprob, SamplingState
 from server.engine.sampling_params import SamplingParams
 from server.engine.scheduler import Scheduler, SchedulerConfig, SequenceUpdate
@@ -98,6 +99,11 @@ class Engine:
         not yet seen by the engine thread. What --max-queued-requests bounds; an n=8 request counts once."""
         return max(self._num_unfinished_requests - self._num_running_requests, 0)
 
+    @property
+    def enable_return_routed_experts(self) -> bool:
+        """Whether requests may ask for their routed experts (--enable-return-routed-experts)."""
+        return self.runner.enable_return_routed_experts
+
     # -- requests (any thread) -----------------------------------------------------------------
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -108,6 +114,8 @@ class Engine:
         if bad is not None:
             raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {self.vocab_size})")
         params.validate_token_ids(self.vocab_size)
+        if params.return_routed_experts and not self.enable_return_routed_experts:
+            raise ValueError("return_routed_experts needs the server started with --enable-return-routed-experts")
         total = len(prompt_token_ids) + params.max_tokens
         if total > self.config.max_model_len:
             raise ValueError(f"this model's maximum context length is {self.config.max_model_len} tokens, but "
@@ -130,7 +138,9 @@ class Engine:
             matcher = grammar.new_matcher() if grammar is not None else None
             sampling = SamplingState(child, prompt_token_ids, self.runner.device, matcher)
             seq = Sequence(next(self._seq_ids), request_id, prompt_token_ids, child.max_tokens, now, sampling, index)
-            seq.skip_reading_prefix_cache = child.prompt_logprobs is not None
+            # Cached blocks carry no routing: a sequence that asks computes its prompt (see RoutedExpertsRecord).
+            seq.skip_reading_prefix_cache = child.prompt_logprobs is not None or child.return_routed_experts
+            seq.routed_experts = RoutedExpertsRecord() if child.return_routed_experts else None
             seqs.append(seq)
         with self._lock:
             # Checked again under the lock: the thread may have died since the check above, after which
@@ -193,7 +203,8 @@ class Engine:
             self._wakeup.wait(timeout=0.01)  # nothing fits right now (e.g. after preempting everything)
             return
         try:
-            sampled, expert_counts = self.runner.execute(out.scheduled)
+            step = self.runner.execute(out.scheduled)
+            record_step(out.scheduled, step.routed_experts)
         except Exception:
             # Only the requests in this step fail; the engine keeps serving the others.
             logger.exception("model step failed; failing its %d sequences", len(out.scheduled))
@@ -202,12 +213,12 @@ class Engine:
                     self.scheduler.finish(s.seq)
                     self._emit(SequenceUpdate(s.seq, None, "error"))
             return
-        updates = self.scheduler.update_from_output(out, sampled, self.eos_token_id)
+        updates = self.scheduler.update_from_output(out, step.sampled, self.eos_token_id)
         self.num_steps += 1
         now = self.clock()
         for update in updates:
             self._emit(update, now)
-        self._report_step(out.num_batched_tokens, expert_counts)
+        self._report_step(out.num_batched_tokens, step.expert_counts)
 
     def _emit(self, update: SequenceUpdate, now: float | None = None) -> None:
         """Hand one sequence's step result to its request's stream; count it finished if it ended."""
@@ -228,16 +239,21 @@ class Engine:
             output.logprobs = [item.logprob] if item.logprob is not None else None
             output.top_logprobs = [item.top_logprobs] if item.top_logprobs is not None else None
         # With the first token (or the end of a prompt-only sequence): the prompt logprobs, once.
-        if (item is not None and seq.num_generated_tokens == 1) or (item is None and update.finish_reason == "length"
-                                                                   and seq.max_tokens == 0):
+        prompt_only_done = item is None and update.finish_reason == "length" and seq.max_tokens == 0
+        if (item is not None and seq.num_generated_tokens == 1) or prompt_only_done:
             output.prompt_logprobs = self._take_prompt_logprobs(seq)
+        # With each token: the rows of the tokens read to produce it (the whole prompt's with the first).
+        if seq.routed_experts is not None and (item is not None or prompt_only_done):
+            output.routed_experts = seq.routed_experts.take()
         if update.finish_reason is not None:
             self._count_finished(seq, update.finish_reason, stream)
         stream.put(output)
 
     @staticmethod
     def _take_prompt_logprobs(seq: Sequence) -> list[PromptLogprob | None] | None:
-        """The prompt logprobs, once, when the prompt is computed; the prefix cache is read again afterwards."""
+        """The prompt logprobs, once, when the prompt is computed; the prefix cache is read again afterwards (also by
+        a sequence recording its routed experts: a hit ends before its last token, and every position before it
+        has its row by now)."""
         entries, seq.sampling.prompt_logprobs = seq.sampling.prompt_logprobs, None
         seq.skip_reading_prefix_cache = False
         return entries

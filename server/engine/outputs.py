@@ -13,6 +13,8 @@ import dataclasses
 import threading
 from collections.abc import AsyncIterator
 
+import numpy as np
+
 from server.engine.sampler_state import PromptLogprob
 from server.engine.sequence import Sequence
 
@@ -27,6 +29,17 @@ class SampledToken:
     top_logprobs: list[tuple[int, float]] | None
 
 
+@dataclasses.dataclass(slots=True)
+class StepOutput:
+    """What the model runner returns for one step."""
+
+    sampled: list[SampledToken]
+    expert_counts: list[list[int]]  # the step's tokens per [layer][routed expert]
+    # Per scheduled sequence, in order: the routed experts [num_new_tokens, L, K] int32 of the tokens it read this
+    # step (server/engine/routed_experts.py), None where it did not ask.
+    routed_experts: list[np.ndarray | None]
+
+
 @dataclasses.dataclass
 class SequenceOutput:
     """New tokens of one sample (`index` < n) since the last output, and how it ended if it did."""
@@ -38,6 +51,9 @@ class SequenceOutput:
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     # With the sample's first output, if it asked for them: entry i scores prompt token i (None for token 0).
     prompt_logprobs: list[PromptLogprob | None] | None = None
+    # If it asked for them: the routed experts of the tokens the model read to produce these tokens, as pieces
+    # [t, L, K] int32 in token order (merged outputs append pieces: nothing is copied on the engine thread).
+    routed_experts: list[np.ndarray] | None = None
 
 
 class RequestStream:
@@ -70,6 +86,8 @@ class RequestStream:
                 pending.finish_reason = out.finish_reason
                 if out.prompt_logprobs is not None:
                     pending.prompt_logprobs = out.prompt_logprobs
+                if out.routed_experts is not None:
+                    pending.routed_experts = (pending.routed_experts or []) + out.routed_experts
         with contextlib.suppress(RuntimeError):  # the consumer's loop is closed: nobody listens any more
             self._loop.call_soon_threadsafe(self._wakeup.set)
 

@@ -50,6 +50,9 @@ class SamplingParams:
     # Logprobs of the prompt's tokens (each given the ones before it) with this many top alternatives; such a
     # sequence computes its whole prompt instead of reading the prefix cache.
     prompt_logprobs: int | None = None
+    # Each token's top-k routed experts in every layer (SGLang's return_routed_experts); such a sequence, too,
+    # computes its whole prompt instead of reading the prefix cache.
+    return_routed_experts: bool = False
     # Carried for the detokenizer; the sampler ignores them.
     stop: tuple[str, ...] = ()
     include_stop_str_in_output: bool = False
@@ -92,6 +95,8 @@ class SamplingParams:
             or (_is_int(self.prompt_logprobs) and 0 <= self.prompt_logprobs <= MAX_LOGPROBS),
             "prompt_logprobs", self.prompt_logprobs, f"None or an integer in 0..{MAX_LOGPROBS}",
         )
+        _check(isinstance(self.return_routed_experts, bool), "return_routed_experts", self.return_routed_experts,
+               "a bool")
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
         _check(all(isinstance(s, str) and s for s in stop), "stop", stop, "non-empty strings")
         object.__setattr__(self, "stop", stop)

@@ -3,6 +3,7 @@ the cache, and its block table."""
 
 import enum
 
+from server.engine.routed_experts import RoutedExpertsRecord
 from server.engine.sampler_state import SamplingState
 from server.engine.sampling_params import SamplingParams
 
@@ -35,6 +36,7 @@ class Sequence:
         "num_preemptions",
         "num_prompt_tokens",
         "request_id",
+        "routed_experts",
         "sampling",
         "seq_id",
         "skip_reading_prefix_cache",
@@ -67,9 +69,12 @@ class Sequence:
         self.arrival_time = arrival_time
         self.first_scheduled_time: float | None = None
         self.num_preemptions = 0
-        # Set while the prompt's own logits are needed (prompt logprobs): every prompt token is computed, none is
-        # read from the prefix cache (its blocks are still published for others).
+        # Set until the first token while the prompt's own logits (prompt logprobs) or routing (routed experts) are
+        # needed: every prompt token is computed, none is read from the prefix cache (its blocks are still
+        # published for others).
         self.skip_reading_prefix_cache = False
+        # The per-token routed experts, when the request asked for them.
+        self.routed_experts: RoutedExpertsRecord | None = None
         # How to pick its tokens (params, seeded generator, counts for the penalties, grammar); plain sampling with
         # these max_tokens when not given (the scheduler's tests).
         if sampling is None:

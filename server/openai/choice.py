@@ -1,13 +1,16 @@
-"""One choice of a response: token ids in, text deltas out, with stop strings, logprobs and token counts."""
+"""One choice of a response: token ids in, text deltas out, with stop strings, logprobs, token counts and the
+routed experts."""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import cast
 
+import numpy as np
+
 from server.engine.outputs import SequenceOutput
 from server.engine.sampler_state import PromptLogprob
-from server.openai.protocol import FinishReason
+from server.openai.protocol import FinishReason, RoutedExperts
 from server.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
 
 
@@ -34,6 +37,7 @@ class ChoiceBuilder:
         self._stop_token_ids = stop_token_ids
         self._offset_base = text_offset_base
         self._min_tokens = min_tokens
+        self._num_prompt_tokens = len(prompt_token_ids)
         self.text = ""
         self.token_ids: list[int] = []  # every token counted in usage, the one that ended the sample too
         self._token_ids_sent = 0
@@ -42,6 +46,9 @@ class ChoiceBuilder:
         self.stop_reason: int | str | None = None  # the stop string or stop token id that ended it
         self.prompt_logprobs: list[PromptLogprob | None] | None = None  # with the first output, if asked for
         self.prompt_sent = False  # streaming: whether a chunk has carried the prompt part yet
+        self._routed: list[np.ndarray] = []  # routed-experts rows [t, L, K] in token order, if asked for
+        self._num_routed_rows = 0
+        self._routed_sent = 0  # streaming: pieces of _routed that a chunk has carried
 
     @property
     def prompt_pending(self) -> bool:
@@ -57,6 +64,21 @@ class ChoiceBuilder:
         ids = self.token_ids[self._token_ids_sent:]
         self._token_ids_sent = len(self.token_ids)
         return ids
+
+    def routed_experts(self) -> RoutedExperts | None:
+        """The rows [T, L, K] of every token the model read for this choice (None if not asked for)."""
+        return RoutedExperts.of(np.concatenate(self._routed)) if self._routed else None
+
+    @property
+    def routed_pending(self) -> bool:
+        """Streaming: whether rows have arrived that no chunk has carried yet."""
+        return self._routed_sent < len(self._routed)
+
+    def unsent_routed_experts(self) -> RoutedExperts | None:
+        """Streaming: the rows no chunk has carried yet, now counted as sent (None if there are none)."""
+        pieces = self._routed[self._routed_sent:]
+        self._routed_sent = len(self._routed)
+        return RoutedExperts.of(np.concatenate(pieces)) if pieces else None
 
     @property
     def stopped_by_string(self) -> bool:
@@ -83,7 +105,7 @@ class ChoiceBuilder:
             emitted.append(text)
             if stopped:
                 self.finish_reason, self.stop_reason = "stop", self._matcher.stop_str
-                return self._emit("".join(emitted))
+                return self._emit("".join(emitted), out)
         if out.finish_reason is not None:
             text, stopped = self._matcher.add(self._detokenizer.flush())
             emitted.append(text)
@@ -95,8 +117,17 @@ class ChoiceBuilder:
                 last = out.token_ids[-1] if out.token_ids else None
                 if out.finish_reason == "stop" and last in self._stop_token_ids:
                     self.stop_reason = last
-        return self._emit("".join(emitted))
+        return self._emit("".join(emitted), out)
 
-    def _emit(self, text: str) -> str:
+    def _emit(self, text: str, out: SequenceOutput) -> str:
         self.text += text
+        # Rows of the tokens the model read for the tokens kept: the prompt's, then each kept token's but the last (a
+        # stop string may end the choice before the output's last token).
+        keep = self._num_prompt_tokens + max(self.num_tokens - 1, 0) - self._num_routed_rows
+        for piece in out.routed_experts or []:
+            rows = piece[:keep]
+            if len(rows):
+                self._routed.append(rows)
+                self._num_routed_rows += len(rows)
+                keep -= len(rows)
         return text

@@ -99,11 +99,15 @@ class OpenAIServing:
     def _sampling_params(self, req: CompletionRequest | ChatCompletionRequest, max_tokens: int,
                          logprobs: int | None, extra_stop_ids: tuple[int, ...] = (),
                          prompt_logprobs: int | None = None) -> SamplingParams:
+        if req.return_routed_experts and not self.engine.enable_return_routed_experts:
+            raise APIError(400, "return_routed_experts needs the server started with --enable-return-routed-experts",
+                           param="return_routed_experts")
         return self._checked_params(
             req, extra_stop_ids, n=req.n, temperature=req.temperature, top_p=req.top_p,
             presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
             logit_bias=req.logit_bias or (), seed=req.seed, max_tokens=max_tokens, min_tokens=req.min_tokens,
-            logprobs=logprobs, prompt_logprobs=prompt_logprobs, include_stop_str_in_output=req.keep_stop_string)
+            logprobs=logprobs, prompt_logprobs=prompt_logprobs, include_stop_str_in_output=req.keep_stop_string,
+            return_routed_experts=req.return_routed_experts)
 
     def _checked_params(self, req: SamplingExtras, extra_stop_ids: tuple[int, ...], **fields: Any) -> SamplingParams:
         """SamplingParams of `fields` and the request's stop and vLLM extras (its stop_token_ids plus
@@ -279,8 +283,8 @@ def stream_chunks(options: StreamOptions | None, usage: Callable[[], UsageInfo],
 def sse_response(outputs: AsyncIterator[tuple[ChoiceBuilder, str, SequenceOutput]], builders: list[ChoiceBuilder],
                   opening: list[str], delta: Callable[[ChoiceBuilder, str, int], str],
                   closing: Callable[[], str] | None) -> StreamingResponse:
-    """An SSE stream: the opening chunks, one chunk per output that adds text, logprobs or the finish reason
-    (rendered by `delta`, given the text it adds and the first logprob entry not yet sent), the closing chunk
+    """An SSE stream: the opening chunks, one chunk per output that adds text, logprobs, routed experts or the finish
+    reason (rendered by `delta`, given the text it adds and the first logprob entry not yet sent), the closing chunk
     (usage) if any, then [DONE]."""
     async def events() -> AsyncIterator[str]:
         for first in opening:
@@ -289,7 +293,8 @@ def sse_response(outputs: AsyncIterator[tuple[ChoiceBuilder, str, SequenceOutput
         async for builder, text, _ in outputs:
             sent = logprobs_sent[builder.index]
             # builder.logprobs only fills when the request asked for logprobs.
-            if text or builder.finish_reason is not None or len(builder.logprobs) > sent or builder.prompt_pending:
+            if (text or builder.finish_reason is not None or len(builder.logprobs) > sent or builder.prompt_pending
+                    or builder.routed_pending):
                 yield delta(builder, text, sent)
             logprobs_sent[builder.index] = len(builder.logprobs)
         if closing is not None:

@@ -134,7 +134,8 @@ class OpenAIServingChat(OpenAIServing):
                     choices.append(ChatCompletionChoice(index=b.index, message=msg, logprobs=logprobs_of(b, 0),
                                                         finish_reason=_finish_reason(b, has_calls),
                                                         stop_reason=b.stop_reason,
-                                                        token_ids=b.token_ids if req.return_token_ids else None))
+                                                        token_ids=b.token_ids if req.return_token_ids else None,
+                                                        routed_experts=b.routed_experts()))
                 return JSONResponse(ChatCompletionResponse(id=request_id, created=created, model=model,
                                                            choices=choices, usage=usage(),
                                                            prompt_token_ids=prompt_ids).model_dump())
@@ -159,7 +160,8 @@ class OpenAIServingChat(OpenAIServing):
                 index=builder.index, delta=DeltaMessage(content=text or None, tool_calls=calls or None),
                 logprobs=lp, finish_reason=_finish_reason(builder, bool(parser and parser.calls)),
                 stop_reason=builder.stop_reason,
-                token_ids=builder.unsent_token_ids() if req.return_token_ids else None))
+                token_ids=builder.unsent_token_ids() if req.return_token_ids else None,
+                routed_experts=builder.unsent_routed_experts()))
 
         # Each choice's opening chunk carries the prompt's ids (as vLLM's role chunks do).
         opening = [chunk(ChatCompletionStreamChoice(index=b.index, delta=DeltaMessage(role="assistant", content="")),

@@ -64,7 +64,8 @@ class OpenAIServingCompletion(OpenAIServing):
         echo_lp = req.logprobs if req.echo and req.logprobs is not None else None
         wanted = [k for k in (echo_lp, req.prompt_logprobs) if k is not None]
         params = self._sampling_params(req, req.max_tokens, req.logprobs, prompt_logprobs=max(wanted, default=None))
-        if req.max_tokens == 0 and params.prompt_logprobs is None:  # echo only: no model run, the same limits
+        # Echo only: no model run, the same limits (routed experts need the model to read the prompt).
+        if req.max_tokens == 0 and params.prompt_logprobs is None and not params.return_routed_experts:
             self.check_request(prompts, params)
             return self._echo_only(req, prompts, request_id, created)
         so = req.structured_outputs
@@ -116,7 +117,8 @@ class OpenAIServingCompletion(OpenAIServing):
                     index=b.index, text=(prompts[b.index // req.n].text if req.echo else "") + b.text,
                     logprobs=logprobs_of(b, 0, True), finish_reason=b.finish_reason, stop_reason=b.stop_reason,
                     prompt_logprobs=prompt_part(b), prompt_token_ids=prompt_ids(b.index),
-                    token_ids=b.token_ids if req.return_token_ids else None)
+                    token_ids=b.token_ids if req.return_token_ids else None,
+                    routed_experts=b.routed_experts())
                     for b in builders]
                 return JSONResponse(CompletionResponse(id=request_id, created=created, model=model,
                                                        choices=choices, usage=usage()).model_dump())
@@ -140,7 +142,8 @@ class OpenAIServingCompletion(OpenAIServing):
                                           finish_reason=builder.finish_reason, stop_reason=builder.stop_reason,
                                           prompt_logprobs=prompt_part(builder) if first else None,
                                           prompt_token_ids=prompt_ids(builder.index),
-                                          token_ids=builder.unsent_token_ids() if req.return_token_ids else None))
+                                          token_ids=builder.unsent_token_ids() if req.return_token_ids else None,
+                                          routed_experts=builder.unsent_routed_experts()))
 
         opening = [chunk(CompletionChoice(index=b.index, text=prompts[b.index // req.n].text,
                                           prompt_token_ids=prompt_ids(b.index)))

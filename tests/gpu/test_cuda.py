@@ -57,17 +57,21 @@ def test_graph_replay_equals_the_static_path_run_eagerly(dtype: torch.dtype) -> 
     for layer in base:
         layer.normal_()
     runners = {graphs: DecodeGraphRunner(model, [c.clone() for c in base], max_num_seqs=16, max_blocks_per_seq=8,
-                                         block_size=BS, scratch_block=64, use_cuda_graphs=graphs)
+                                         block_size=BS, scratch_block=64, use_cuda_graphs=graphs,
+                                         record_routed_experts=True)
                for graphs in (True, False)}
     runners[True].capture_all()
     rng = random.Random(1)
-    for b in (3, 16, 1, 9, 9, 2):
+    # Steps that record the routed experts (their own graphs) between steps that do not.
+    for b, record in ((3, True), (16, False), (1, True), (9, False), (9, True), (2, False)):
         lens = [rng.randint(1, 32) for _ in range(b)]
         tables = [list(range(i * 8, i * 8 + 8))[:-(-n // BS)] for i, n in enumerate(lens)]
         ids = [rng.randrange(1, TINY.vocab_size) for _ in range(b)]
-        out = {g: r.run(ids, [n - 1 for n in lens], lens, tables) for g, r in runners.items()}
+        out = {g: r.run(ids, [n - 1 for n in lens], lens, tables, record) for g, r in runners.items()}
         assert torch.equal(out[True][0], out[False][0]), f"step of {b}"
         assert torch.equal(out[True][1], out[False][1])
+        routed = out[True][2]
+        assert (routed is not None) == record and (not record or torch.equal(routed, out[False][2]))
     for a, b_ in zip(runners[True].caches, runners[False].caches, strict=True):
         assert torch.equal(a, b_)
 

@@ -35,11 +35,23 @@ def _expert(sd: dict[str, torch.Tensor], prefix: str, h: torch.Tensor) -> torch.
 
 def reference_logits(sd: dict[str, torch.Tensor], cfg: ModelConfig, ids: list[int]) -> torch.Tensor:
     """Logits [S, V] of every position of one sequence."""
+    return reference_forward(sd, cfg, ids)[0]
+
+
+def reference_routing(sd: dict[str, torch.Tensor], cfg: ModelConfig, ids: list[int]) -> torch.Tensor:
+    """The routed experts [S, layers, K] every position of one sequence chose, in top-k order."""
+    return reference_forward(sd, cfg, ids)[1]
+
+
+def reference_forward(sd: dict[str, torch.Tensor], cfg: ModelConfig,
+                      ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits [S, V] and routed experts [S, layers, K] of every position of one sequence."""
     s, nh = len(ids), cfg.num_attention_heads
     half = cfg.head_dim // 2
     pos = torch.arange(s)
     x = sd["token_embeddings.weight"][torch.tensor(ids)] + sd["position_embeddings.weight"][pos]
     causal = torch.ones(s, s, dtype=torch.bool).tril()
+    routing = []
     for n in range(cfg.num_hidden_layers):
         p = f"decoder_layers.{n}"
         a = f"{p}.self_attn"
@@ -67,12 +79,13 @@ def reference_logits(sd: dict[str, torch.Tensor], cfg: ModelConfig, ids: list[in
             out /= cfg.num_shared_experts
         probs = torch.sigmoid(h @ sd[f"{m}.router.weight"].T + sd[f"{m}.routing_bias"])
         w, idx = probs.topk(cfg.top_k_experts, dim=-1)
+        routing.append(idx)
         w = w / w.sum(-1, keepdim=True)
         for t in range(s):  # per-token loop over its chosen experts
             for j in range(cfg.top_k_experts):
                 out[t] += w[t, j] * _expert(sd, f"{m}.routed_experts.{int(idx[t, j])}", h[t : t + 1])[0]
         x = x + out
-    return x @ sd["lm_head.weight"].T + sd["lm_head.bias"]
+    return x @ sd["lm_head.weight"].T + sd["lm_head.bias"], torch.stack(routing, dim=1)
 
 
 def reference_greedy(sd: dict[str, torch.Tensor], cfg: ModelConfig, prompt: list[int], steps: int) -> list[int]:

@@ -16,6 +16,7 @@ from server.openai.protocol.common import (
     FieldError,
     FinishReason,
     Logprob,
+    RoutedExpertsChoice,
     SamplingRequest,
     StrictModel,
     UsageInfo,
@@ -242,7 +243,7 @@ class ChatResponseMessage(BaseModel):
         return body
 
 
-class ChatCompletionChoice(BaseModel):
+class ChatCompletionChoice(RoutedExpertsChoice):
     """One choice of a non-streaming chat response."""
 
     index: int
@@ -277,8 +278,8 @@ class DeltaMessage(BaseModel):
         return {k: v for k, v in handler(self).items() if v is not None}
 
 
-class ChatCompletionStreamChoice(BaseModel):
-    """One choice of a chat stream chunk."""
+class ChatCompletionStreamChoice(RoutedExpertsChoice):
+    """One choice of a chat stream chunk (routed_experts, when asked for: the rows of this chunk's tokens)."""
 
     index: int
     delta: DeltaMessage

@@ -6,17 +6,20 @@ Checks that need the tokenizer or the model (token ids < vocab size, prompt leng
 API layer. Serialize responses with `model_dump()`/`model_dump_json()`, not `exclude_unset`.
 """
 
+import base64
 import math
 import time
 import uuid
 from typing import Annotated, Any, Literal, Self
 
+import numpy as np
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
     PlainSerializer,
     field_validator,
+    model_serializer,
     model_validator,
 )
 from pydantic_core import PydanticUndefined
@@ -133,6 +136,8 @@ class SamplingRequest(SamplingExtras):
     # choice's token ids (streamed: the prompt's in a choice's first chunk, the new ids in each).
     return_tokens_as_token_ids: bool = False
     return_token_ids: bool = False
+    # SGLang's field (and flag): each choice carries `routed_experts`, every token's top-k routed experts per layer.
+    return_routed_experts: bool = False
     # Extras routers add to every request they forward (vllm-router, SGLang's router), at these defaults.
     # no_stop_trim (SGLang: keep the stop string) is honoured as include_stop_str_in_output; the reasoning
     # switches are honoured trivially (this model has no reasoning phase to separate, stream or drop).
@@ -209,6 +214,35 @@ class UsageInfo(BaseModel):
             completion_tokens=completion_tokens,
             total_tokens=prompt_tokens + completion_tokens,
         )
+
+
+class RoutedExperts(BaseModel):
+    """The routed experts of the tokens the model read for a choice, compactly (as SGLang): `data` is the base64 of
+    a little-endian int32 array of `shape` [T tokens, L layers, K experts per token], row-major."""
+
+    shape: list[int]
+    dtype: Literal["int32"] = "int32"
+    data: str
+
+    @classmethod
+    def of(cls, rows: np.ndarray) -> Self:
+        """The encoding of rows [T, L, K]."""
+        raw = np.ascontiguousarray(rows, dtype="<i4").tobytes()
+        return cls(shape=list(rows.shape), data=base64.b64encode(raw).decode("ascii"))
+
+
+class RoutedExpertsChoice(BaseModel):
+    """A choice that carries `routed_experts` (last) when the request asked for them, and no such key otherwise."""
+
+    routed_experts: RoutedExperts | None = None
+
+    @model_serializer(mode="wrap")
+    def _routed_experts_last_or_absent(self, handler: Any) -> dict[str, Any]:
+        body: dict[str, Any] = handler(self)
+        routed = body.pop("routed_experts")
+        if routed is not None:
+            body["routed_experts"] = routed
+        return body
 
 
 class ModelCard(BaseModel):

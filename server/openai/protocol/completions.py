@@ -14,6 +14,7 @@ from server.openai.protocol.common import (
     FieldError,
     FinishReason,
     Logprob,
+    RoutedExpertsChoice,
     SamplingRequest,
     TokenId,
     UsageInfo,
@@ -100,8 +101,9 @@ class PromptLogprobEntry(BaseModel):
     decoded_token: str
 
 
-class CompletionChoice(BaseModel):
-    """One choice; in a stream chunk `text` is the delta and finish_reason stays null until the end."""
+class CompletionChoice(RoutedExpertsChoice):
+    """One choice; in a stream chunk `text` is the delta and finish_reason stays null until the end (and
+    routed_experts, when asked for, the rows of this chunk's tokens)."""
 
     index: int
     text: str

@@ -47,11 +47,13 @@ def random_step(rng: random.Random, b: int) -> tuple[list[int], list[int], list[
     return ids, lens, tables
 
 
-def eager(model: CustomLLM, caches: list[torch.Tensor], ids, lens, tables) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ordinary unpadded decode step: hidden states [b, D] and expert counts."""
+def eager(model: CustomLLM, caches: list[torch.Tensor], ids, lens, tables,
+          routed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ordinary unpadded decode step: hidden states [b, D] and expert counts (and, given routed [b, L, K], the
+    routed experts)."""
     meta = AttentionMetadata.build([1] * len(ids), lens, tables, BS)
     counts = torch.zeros(TINY.num_hidden_layers, TINY.num_routed_experts, dtype=torch.int64)
-    hidden = model(torch.tensor(ids), torch.tensor([n - 1 for n in lens]), meta, caches, counts)
+    hidden = model(torch.tensor(ids), torch.tensor([n - 1 for n in lens]), meta, caches, counts, routed)
     return hidden, counts
 
 
@@ -73,7 +75,7 @@ def test_padded_equals_unpadded(model: CustomLLM, b: int) -> None:
     want, want_counts = eager(model, ref_caches, ids, lens, tables)
     runner = make_runner(model, caches)
     assert runner.bucket_for(b) >= b
-    got, counts = runner.run(ids, [n - 1 for n in lens], lens, tables)
+    got, counts, _ = runner.run(ids, [n - 1 for n in lens], lens, tables)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert counts.tolist() == want_counts.tolist()  # the padding rows' routing is subtracted
     # Both wrote the same new entries; the runner also wrote the scratch block (when it padded).
@@ -93,7 +95,7 @@ def test_padding_touches_only_the_scratch_block(model: CustomLLM) -> None:
         # The scratch block holds finite garbage: the torch path multiplies masked entries by 0 (NaN would spread)
         p[NUM_BLOCKS] = 1e4
     before = [p.clone() for p in poisoned]
-    got, _ = make_runner(model, poisoned).run(ids, [n - 1 for n in lens], lens, tables)
+    got, _, _ = make_runner(model, poisoned).run(ids, [n - 1 for n in lens], lens, tables)
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     others = [blk for blk in range(NUM_BLOCKS) if blk not in owned]
@@ -114,11 +116,30 @@ def test_buffers_rebuilt_step_after_step(model: CustomLLM) -> None:
     for b in [5, 3, 8, 1, 2, 7, 4, 1]:
         ids, lens, tables = random_step(rng, b)
         want, want_counts = eager(model, ref_caches, ids, lens, tables)
-        got, counts = runner.run(ids, [n - 1 for n in lens], lens, tables)
+        got, counts, _ = runner.run(ids, [n - 1 for n in lens], lens, tables)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=f"step of {b}")
         assert counts.tolist() == want_counts.tolist()
     for ref, layer in zip(ref_caches, caches, strict=True):
         torch.testing.assert_close(layer[:NUM_BLOCKS], ref[:NUM_BLOCKS], atol=1e-5, rtol=1e-5)
+
+
+def test_routed_experts_of_the_real_rows_between_steps_that_do_not_record(model: CustomLLM) -> None:
+    """Recording and plain steps alternate over buckets: each recording step returns exactly the unpadded step's
+    routed experts of its b rows; a plain one returns none and the same hidden states."""
+    rng = random.Random(13)
+    ref_caches, caches = random_cache(5), random_cache(5)
+    runner = make_runner(model, caches)
+    for b, record in [(5, True), (3, False), (4, True), (1, True), (2, False), (6, True)]:
+        ids, lens, tables = random_step(rng, b)
+        want_routed = torch.full((b, TINY.num_hidden_layers, TINY.top_k_experts), -1, dtype=torch.int32)
+        want, _ = eager(model, ref_caches, ids, lens, tables, want_routed)
+        got, _, routed = runner.run(ids, [n - 1 for n in lens], lens, tables, record)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=f"step of {b}")
+        if record:
+            assert routed is not None and torch.equal(routed, want_routed), f"step of {b}"
+            assert int(routed.min()) >= 0 and int(routed.max()) < TINY.num_routed_experts
+        else:
+            assert routed is None
 
 
 def test_rejects_what_it_cannot_hold(model: CustomLLM) -> None:
@@ -152,7 +173,8 @@ def test_engine_through_the_static_decode_path_generates_the_same_tokens() -> No
     assert outputs[0] == outputs[1]
 
 
-def test_no_host_sync_in_the_decode_forward() -> None:
+@pytest.mark.parametrize("record_routed", [False, True])
+def test_no_host_sync_in_the_decode_forward(record_routed: bool) -> None:
     """torch.compile(fullgraph=True) over the static decode forward fails on any host sync or data-dependent shape.
 
     With the graph-safe backends CUDA uses (masked-dense experts: the grouped GEMM's tracing wants bf16; the torch
@@ -165,5 +187,5 @@ def test_no_host_sync_in_the_decode_forward() -> None:
     runner._fill_host(ids, [n - 1 for n in lens], lens, tables, 3, bucket)
     runner._device.copy_(runner._host)
     torch._dynamo.reset()
-    got = torch.compile(runner._forward, fullgraph=True, backend="eager")(bucket)
+    got = torch.compile(runner._forward, fullgraph=True, backend="eager")(bucket, record_routed)
     torch.testing.assert_close(got[:3], want, atol=1e-5, rtol=1e-5)
