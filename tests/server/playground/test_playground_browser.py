@@ -3,6 +3,7 @@ offline, streams chat and completions token by token with exactly the API's text
 regenerates, shows the API's errors, and says that routing is off. Screenshots of each view go to `screenshots`."""
 
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -166,6 +167,8 @@ def test_stop_aborts_the_request_and_regenerate_replaces_the_answer(
     with engine_held_after(server, 2) as release:
         answer = chat(page, "Count to forty")
         expect(answer.locator(".tok")).to_have_count(2)
+        # The state panel (from /metrics, polled every 2 s) shows the request in flight.
+        expect(page.locator("#state-running")).to_have_text("1", timeout=10_000)
         page.click("#chat-stop")
         expect(answer).to_have_attribute("data-state", "stopped")
         expect(page.locator(".answer-meta")).to_contain_text("stopped · 2 tokens")
@@ -185,6 +188,7 @@ def test_stop_aborts_the_request_and_regenerate_replaces_the_answer(
     (choice,) = http.post(CHAT, json=non_streamed(body)).json()["choices"]
     assert answer.text_content() == choice["message"]["content"]
     expect(answer.locator(".tok")).to_have_count(40)
+    expect(page.locator("#state-rate")).to_have_text(re.compile(r"^\d+\.\d$"))  # two polls have passed
 
 
 def test_an_api_error_is_shown_as_the_api_message(page: tuple[Any, PageWatch], http: httpx.Client,
