@@ -163,6 +163,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=5)
     logger.info("serving %s on http://%s:%d", args.served_model_name, args.host, args.port)
+    if settings.enable_playground:
+        logger.info("playground: http://%s:%d/ in a browser", args.host, args.port)
     # uvicorn re-raises the signal that stopped it once it has shut down, so a drained, successful shutdown would
     # end as death by SIGTERM (status -15/143) or a KeyboardInterrupt traceback. It restores the handlers it found
     # before re-raising, so with these ignored around run() the re-raise is a no-op and we exit 0; during run()
