@@ -74,9 +74,7 @@ export async function* readEvents(response) {
         .map((line) => line.slice(5).trimStart()).join("\n");
       if (!data) continue;
       if (data === "[DONE]") return;
-      const parsed = JSON.parse(data);
-      if (parsed.error) throw new APIError(parsed.error.code ?? 500, parsed.error.message, parsed.error.type);
-      yield parsed;
+      yield JSON.parse(data);
     }
   }
   throw new APIError(0, "the stream ended before [DONE]");

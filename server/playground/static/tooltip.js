@@ -4,7 +4,7 @@
 import { answerOf } from "./answer.js";
 import { drawGrid } from "./routing.js";
 
-export function formatLogprob(logprob) {
+function formatLogprob(logprob) {
   return logprob.toFixed(4);
 }
 
