@@ -112,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="on SIGTERM, seconds to let in-flight requests finish (new work gets 503 meanwhile); then the rest "
              "end with finish_reason 'abort'")
     add("--cors-allow-origins", default="", help="comma-separated origins allowed by CORS (default: CORS off)")
+    add("--disable-playground", type=_bool, nargs="?", const=True, default=False,
+        help="no playground page at GET / and /playground (404 there); the page is static and calls the API "
+             "with the key its user types, so it exposes nothing the API does not")
     add("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     # Defaults come from the environment, so `--help` shows the effective values.
     for action in parser._actions:
@@ -156,13 +159,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = ServerSettings(
         served_model_name=args.served_model_name, api_key=args.api_key or None,
         max_queued_requests=args.max_queued_requests, max_request_bytes=args.max_request_bytes,
-        cors_allow_origins=tuple(o.strip() for o in args.cors_allow_origins.split(",") if o.strip()))
+        cors_allow_origins=tuple(o.strip() for o in args.cors_allow_origins.split(",") if o.strip()),
+        enable_playground=not args.disable_playground)
     app = create_app(engine, tokenizer, settings, metrics, chat_template)
     # The drain (server/drain.py) waits for in-flight requests before uvicorn's shutdown starts, so uvicorn's own
     # timeout only covers what is left then (nothing, unless a client stopped reading).
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=5)
     logger.info("serving %s on http://%s:%d", args.served_model_name, args.host, args.port)
+    if settings.enable_playground:
+        logger.info("playground: http://%s:%d/ in a browser", args.host, args.port)
     # uvicorn re-raises the signal that stopped it once it has shut down, so a drained, successful shutdown would
     # end as death by SIGTERM (status -15/143) or a KeyboardInterrupt traceback. It restores the handlers it found
     # before re-raising, so with these ignored around run() the re-raise is a no-op and we exit 0; during run()

@@ -155,7 +155,7 @@ def test_ci_runs_the_makefile_test_command() -> None:
     # The Debian packages it installs: Prometheus for the scrape test, podman and its helpers for tests/image/.
     packages = re.search(r'packages="([^"]*)"', (ROOT / ".ci" / "run").read_text())
     assert packages, "no package list in .ci/run"
-    assert {"prometheus", "podman", "runc", "catatonit", "debootstrap"} <= set(packages.group(1).split())
+    assert {"prometheus", "podman", "runc", "catatonit", "debootstrap", "chromium"} <= set(packages.group(1).split())
     readme = ROOT / "README.md"
     if readme.exists():
         assert "make test" in readme.read_text(), "README's test command differs from .ci/run's"
@@ -208,6 +208,9 @@ def test_wheel_carries_tokenizer_console_script_and_notice(tmp_path: Path) -> No
     with zipfile.ZipFile(wheel) as zf:
         names = set(zf.namelist())
         assert "server/tokenizer.json" in names
+        # The playground's page, stylesheet and scripts (package data, not modules).
+        static = {p.relative_to(src).as_posix() for p in (src / "server" / "playground" / "static").iterdir()}
+        assert {"server/playground/static/index.html", "server/playground/static/main.js"} <= static <= names
         # Every module of the tree, subpackages included (a non-editable install has nothing else).
         modules = {p.relative_to(src).as_posix() for package in ("model", "server")
                    for p in (src / package).rglob("*.py")}

@@ -40,6 +40,7 @@ from server.openai.serving_chat import OpenAIServingChat
 from server.openai.serving_completions import OpenAIServingCompletion
 from server.openai.serving_responses import OpenAIServingResponses
 from server.openai.serving_tokenization import OpenAIServingTokenization
+from server.playground.router import add_playground_routes
 from server.tokenizer import Tokenizer
 from server.vllm.render import OpenAIServingRender
 
@@ -66,6 +67,8 @@ class ServerSettings:
     max_queued_requests: int = 1024
     max_request_bytes: int = 1 << 20
     cors_allow_origins: tuple[str, ...] = ()
+    # The static page at GET / (server/playground): on by default, since it exposes nothing beyond the API it calls.
+    enable_playground: bool = True
 
 
 def error_response(status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
@@ -288,6 +291,9 @@ def create_app(engine: Engine, tokenizer: Tokenizer, settings: ServerSettings, m
     async def prometheus_metrics() -> Response:
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
+
+    if settings.enable_playground:
+        add_playground_routes(app)
 
     # HEAD wherever GET is served (load balancers probe with it); uvicorn sends the headers without the body. The
     # OpenAPI schema is built (and cached) first, so it lists the GETs alone: HEAD is implied (RFC 9110 9.3.2).

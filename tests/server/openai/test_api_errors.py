@@ -196,7 +196,7 @@ def test_unknown_model_is_404(http: httpx.Client, path: str, body: dict[str, Any
 
 @pytest.mark.parametrize(("method", "path", "status"), [
     ("GET", C, 405), ("GET", H, 405), ("PUT", C, 405), ("DELETE", "/v1/models", 405), ("POST", "/health", 405),
-    ("GET", "/v1/nothing-here", 404), ("POST", "/v2/completions", 404), ("GET", "/", 404),
+    ("GET", "/v1/nothing-here", 404), ("POST", "/v2/completions", 404), ("GET", "/index.html", 404), ("POST", "/", 405),
     ("GET", "/v1/models/customllm/extra", 404),
 ])
 def test_wrong_method_or_unknown_path(http: httpx.Client, method: str, path: str, status: int) -> None:
