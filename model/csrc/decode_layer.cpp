@@ -1,18 +1,23 @@
 // One decoder layer of an all-decode step (one new token per sequence) in one call: what model/model.py's
 // DecoderLayer runs through its modules (attention.py's absorbed decode, moe.py), op for op and in the same
-// order, so the result is bit for bit the module path's with the same backends. What it saves is Python: at
-// decode sizes each of the ~150 calls a layer makes from Python costs more than its work (docs/performance.md).
+// order. What it saves is Python: at decode sizes each of the ~150 calls a layer makes from Python costs more than
+// its work (docs/performance.md).
 //
 // Shapes: B sequences (one token each), D hidden, H heads, N no-position width, R rope width, Dh = N + R,
 // L latent, F = L + H*R cache entry, S shared experts, E routed experts, K experts per token.
 // The kernels are the extension's own ops (linear_bf16, rms_norm, mla_decode, moe_experts), called through the
-// dispatcher; the small ops are aten's.
+// dispatcher; the small ops are aten's, except the two absorption products, which are loops here (torch's bmm
+// of 12 one-row products takes ~60 us a call, their work ~10 us): float32 as in the module path, summed in
+// another order.
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <optional>
+
+#include "vec.h"
 
 namespace customllm {
 namespace {
@@ -61,6 +66,39 @@ void moe_experts(const Tensor& x, const Tensor& ids, const Tensor& weights, at::
   op.call(x, ids, weights, gate_up, down, out);
 }
 
+// out[b][h] = sum_i x[b][h][i] * w[h][i][:] for x [B, H, I] (any strides, float32), w [H, I, J] float32
+// contiguous -> out [B, H, J] float32 contiguous: a row of w per input value, J-wide vector FMAs.
+Tensor per_head_product(const Tensor& x, const Tensor& w) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat && w.is_contiguous() &&
+                  w.size(0) == x.size(1) && w.size(1) == x.size(2),
+              "decode_layer: per-head product of ", x.sizes(), " and ", w.sizes());
+  const int64_t B = x.size(0), H = x.size(1), I = x.size(2), J = w.size(2), jv = J / kLanes * kLanes;
+  Tensor out = at::empty({B, H, J}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t sb = x.stride(0), sh = x.stride(1), si = x.stride(2);
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / H, h = bh % H;
+      const float* xr = xp + b * sb + h * sh;
+      const float* wh = wp + h * I * J;
+      float* o = op + bh * J;
+      for (int64_t j = 0; j < jv; j += kLanes) {
+        vfloat acc{};
+        for (int64_t i = 0; i < I; ++i) acc += splat(xr[i * si]) * load(wh + i * J + j);
+        store(o + j, acc);
+      }
+      for (int64_t j = jv; j < J; ++j) {
+        float acc = 0.f;
+        for (int64_t i = 0; i < I; ++i) acc += xr[i * si] * wh[i * J + j];
+        o[j] = acc;
+      }
+    }
+  });
+  return out;
+}
+
 // model/attention.py forward + _decode with the cpp MLA decode backend: x [B, D] normalised -> [B, D].
 Tensor attention(int64_t kind, const Tensor& h, const Tensor& cos, const Tensor& sin, at::TensorList w,
                  const Tensor& cache, const Tensor& slots, const Tensor& tables, const Tensor& lens, int64_t H,
@@ -76,12 +114,10 @@ Tensor attention(int64_t kind, const Tensor& h, const Tensor& cos, const Tensor&
   const Tensor q = linear(kind, fused.narrow(1, F, L), w[kWQ], std::nullopt).view({B, H, Dh});  // q_nope | q_rope
   rope_(q.narrow(2, N, R), cos, sin);
   cache.view({-1, cache.size(-1)}).index_copy_(0, slots, entry);
-  const Tensor& w_k = w[kWK];  // [H, N, L], the decode compute dtype (float32)
-  const Tensor q_lat = at::bmm(q.narrow(2, 0, N).to(w_k.scalar_type()).transpose(0, 1), w_k).transpose(0, 1);
-  const Tensor mixed = mla.call(q_lat.to(at::kFloat), q.narrow(2, N, R).to(at::kFloat), cache, tables, lens, scale,
-                                num_splits)
-                           .to(q_lat.scalar_type());                                       // [B, H, L]
-  const Tensor out = at::bmm(mixed.transpose(0, 1), w[kWVT]).transpose(0, 1).to(q.scalar_type());  // [B, H, Dh]
+  // The cpp MLA decode's compute dtype is float32: W_k [H, N, L] and W_v^T [H, L, Dh] are float32.
+  const Tensor q_lat = per_head_product(q.narrow(2, 0, N).to(at::kFloat), w[kWK]);  // [B, H, L]
+  const Tensor mixed = mla.call(q_lat, q.narrow(2, N, R).to(at::kFloat), cache, tables, lens, scale, num_splits);
+  const Tensor out = per_head_product(mixed, w[kWVT]).to(q.scalar_type());  // [B, H, Dh]
   return linear(kind, out.reshape({B, H * Dh}), w[kOProj], std::nullopt);
 }
 

@@ -4,8 +4,9 @@ Shapes: B sequences, D hidden.
 
 `ModuleDecodeLayer` (every device and dtype; the oracle) runs the layer's modules from Python, op by op.
 `CppDecodeLayer` (CPU bfloat16/float32; model/csrc/decode_layer.cpp) runs the same ops in the same order in one
-extension call per layer, so its output is bit for bit the modules' with the same backends: at decode sizes the
-~150 calls a layer makes from Python cost more than their work (docs/performance.md). It reads the weights the
+extension call per layer (the absorption products as loops, float32 sums in another order; everything else bit
+for bit the modules' with the same backends): at decode sizes the ~150 calls a layer makes from Python cost more
+than their work (docs/performance.md). It reads the weights the
 other backends made: the cpp-bf16 or plain linear, the cpp MLA decode and MoE experts, either RMSNorm; with any
 other choice the layers run their modules, and the start-up table says why. Prefill and mixed steps always run
 the modules.

@@ -23,15 +23,21 @@ def _model(dtype: torch.dtype, fused: bool, **names: str) -> CustomLLM:
     return load_model(random_state(TINY, 1), dtype=dtype, config=TINY, backends=backends)
 
 
-def _decode(model: CustomLLM, steps: int) -> tuple[list[torch.Tensor], dict[int, list[int]], torch.Tensor]:
+def _decode(model: CustomLLM, steps: int, follow: dict[int, list[int]] | None = None
+            ) -> tuple[list[torch.Tensor], dict[int, list[int]], torch.Tensor]:
     """Prefill 3 prompts (3, 6 and 9 tokens: blocks of 4, partial and whole), then all-decode steps of greedy
-    tokens. Returns each decode step's logits [3, V], the tokens and the expert counts [layers, E] of the decodes."""
+    tokens, or of `follow`'s tokens (another run's) when given. Returns each decode step's logits [3, V], the
+    tokens and the expert counts [layers, E] of the decodes."""
     runner = PagedRunner(model)
     gen = random.Random(0)
     tokens = {s: [gen.randrange(TINY.vocab_size) for _ in range(n)] for s, n in enumerate([3, 6, 9])}
+
+    def pick(s: int, row: torch.Tensor) -> None:
+        tokens[s].append(int(row.argmax()) if follow is None else follow[s][len(tokens[s])])
+
     logits = runner.step([(s, t) for s, t in tokens.items()])
     for s, row in enumerate(logits):
-        tokens[s].append(int(row.argmax()))
+        pick(s, row)
     counts = torch.zeros(TINY.num_hidden_layers, TINY.num_routed_experts, dtype=torch.int64)
     outs = []
     for _ in range(steps):
@@ -50,21 +56,26 @@ def _decode(model: CustomLLM, steps: int) -> tuple[list[torch.Tensor], dict[int,
         step_logits = model.compute_logits(hidden)
         outs.append(step_logits)
         for s, row in zip(seqs, step_logits, strict=True):
-            tokens[s].append(int(row.argmax()))
+            pick(s, row)
     return outs, tokens, counts
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_decode_is_the_module_path_bit_for_bit(dtype: torch.dtype) -> None:
+def test_fused_decode_matches_the_module_path(dtype: torch.dtype) -> None:
     fused, modules = _model(dtype, fused=True), _model(dtype, fused=False)
     assert all(layer.fused_decode is not None for layer in fused.decoder_layers)
     assert all(layer.fused_decode is None for layer in modules.decoder_layers)
     got, got_tokens, got_counts = _decode(fused, 8)
-    want, want_tokens, want_counts = _decode(modules, 8)
+    want, _, want_counts = _decode(modules, 8, follow=got_tokens)  # the same inputs at every step
+    # The same ops in the same order, except the absorption products' float32 sums (decode_layer.cpp).
+    tol = 1e-5 if dtype == torch.float32 else 0.05
     for step, (a, b) in enumerate(zip(got, want, strict=True)):
-        assert torch.equal(a, b), f"step {step}: max difference {float((a - b).abs().max())}"
-    assert got_tokens == want_tokens
-    assert torch.equal(got_counts, want_counts) and int(got_counts.sum()) == 8 * 3 * 2 * TINY.num_hidden_layers
+        torch.testing.assert_close(a, b, atol=tol * float(b.abs().max()), rtol=tol, msg=f"step {step}")
+    if dtype == torch.float32:
+        assert all(int(a.argmax()) == int(b.argmax()) for x, y in zip(got, want, strict=True)
+                   for a, b in zip(x, y, strict=True))
+        assert torch.equal(got_counts, want_counts)
+    assert int(got_counts.sum()) == int(want_counts.sum()) == 8 * 3 * 2 * TINY.num_hidden_layers
 
 
 def test_fused_decode_float32_tokens_are_the_reference() -> None:
