@@ -55,36 +55,6 @@ void panel_tile(const float* x, int64_t ldx, const uint16_t* wp, int64_t K, floa
   }
 }
 
-// One input row (batch-1 decode): panel_tile<1> has 2 accumulators, each FMA waiting on the one before it, which
-// caps a core at a panel row per FMA latency, close to the DRAM rate. kSplit partial sums over interleaved
-// features make 2 * kSplit independent chains, so a core streams the weight as fast as memory delivers it.
-constexpr int kSplit = 4;
-
-inline void panel_row(const float* x, const uint16_t* wp, int64_t K, float* out) {
-  vfloat acc[kSplit][2] = {};
-  int64_t k = 0;
-  for (; k + kSplit <= K; k += kSplit, wp += kSplit * kNR) {
-    __builtin_prefetch(wp + kAhead, 0, 3);
-    __builtin_prefetch(wp + kAhead + 32, 0, 3);
-    for (int s = 0; s < kSplit; ++s) {
-      const vfloat b = splat(x[k + s]);
-      acc[s][0] += b * load_bf16(wp + s * kNR);
-      acc[s][1] += b * load_bf16(wp + s * kNR + kLanes);
-    }
-  }
-  for (; k < K; ++k, wp += kNR) {
-    const vfloat b = splat(x[k]);
-    acc[0][0] += b * load_bf16(wp);
-    acc[0][1] += b * load_bf16(wp + kLanes);
-  }
-  for (int s = 1; s < kSplit; ++s) {
-    acc[0][0] += acc[s][0];
-    acc[0][1] += acc[s][1];
-  }
-  store(out, acc[0][0]);
-  store(out + kLanes, acc[0][1]);
-}
-
 inline void panel_tile_any(int mr, const float* x, int64_t ldx, const uint16_t* wp, int64_t K, float* out,
                            int64_t ldo) {
   static_assert(kMR == 6, "one case per row count");
@@ -94,7 +64,7 @@ inline void panel_tile_any(int mr, const float* x, int64_t ldx, const uint16_t* 
     case 4: panel_tile<4>(x, ldx, wp, K, out, ldo); break;
     case 3: panel_tile<3>(x, ldx, wp, K, out, ldo); break;
     case 2: panel_tile<2>(x, ldx, wp, K, out, ldo); break;
-    default: panel_row(x, wp, K, out); break;
+    default: panel_tile<1>(x, ldx, wp, K, out, ldo); break;
   }
 }
 
