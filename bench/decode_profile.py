@@ -2,6 +2,7 @@
 
 Usage: python bench/decode_profile.py [--dtype bfloat16] [--batch 1] [--context 256] [--steps 20]
                                       [--top 25] [--backend auto] [--attention auto] [--moe auto]
+                                      [--decode-layer auto|modules|cpp]
 
 Three views of the same step (random weights, metadata built per step as the server does, logits included):
 1. Wall time per step without any instrumentation (median of --steps).
@@ -111,9 +112,11 @@ def main() -> None:
     parser.add_argument("--backend", default="auto", help="linear backend")
     parser.add_argument("--attention", default="auto")
     parser.add_argument("--moe", default="auto")
+    parser.add_argument("--decode-layer", default="auto", help="modules: every layer from Python")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
-    model = load_seed_model(dtype, args.backend, attention=args.attention, moe=args.moe)
+    model = load_seed_model(dtype, args.backend, attention=args.attention, moe=args.moe,
+                            decode_layer=args.decode_layer)
     cache = make_cache(ModelConfig(), dtype, args.batch, args.context, prompt=0)
     step = decode_step(model, cache, args.batch, args.context)
     print(f"{args.dtype} batch {args.batch}, context {args.context}, threads {torch.get_num_threads()}")
