@@ -43,8 +43,8 @@ class DecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata,
                 cache: torch.Tensor, expert_counts: torch.Tensor | None) -> torch.Tensor:
         # One new token per sequence and no prefill: the fused path, if the decode layer backend gave one.
-        if self.fused_decode is not None and meta.num_prefill_tokens == 0 and meta.decode_block_tables.shape[0] == \
-                x.shape[0]:
+        one_token_each = meta.num_prefill_tokens == 0 and meta.decode_block_tables.shape[0] == x.shape[0]
+        if self.fused_decode is not None and one_token_each:
             return self.fused_decode(x, cos, sin, meta, cache, expert_counts)
         x = x + self.self_attn(self.input_norm(x), cos, sin, meta, cache)
         return x + self.mlp.moe(self.post_attn_norm(x), expert_counts)

@@ -24,7 +24,7 @@ from model.ops.linear import CppBF16Linear, LinearBackend, PlainLinear
 from model.ops.mla_decode import CppMLADecode, MLADecodeBackend, TorchMLADecode
 from model.ops.moe_base import ExpertsBackend
 from model.ops.moe_experts import CppExperts, TorchExperts
-from model.ops.registry import Backend, MakeTensor, Op
+from model.ops.registry import Backend, MakeTensor, Op, Target
 from model.ops.rms_norm import CppRMSNorm, RMSNormBackend, TorchRMSNorm
 
 if TYPE_CHECKING:
@@ -105,9 +105,9 @@ def _case(backend: DecodeLayerBackend, make: MakeTensor) -> torch.Tensor:
     """A small layer (D=32, 2 heads, L=8, 4 routed experts) decoding 2 sequences of 5 and 9 tokens: [2, 32]."""
     from model.backends import ModelBackends  # here: model.backends imports this module
     from model.config import ModelConfig
+    from model.layers import rope_cos_sin
     from model.metadata import AttentionMetadata
     from model.model import DecoderLayer
-    from model.ops.registry import Target
 
     config = ModelConfig(vocab_size=16, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, latent_dim=8,
                          intermediate_size=16, num_experts=5, num_shared_experts=1, top_k_experts=2,
@@ -131,8 +131,6 @@ def _case(backend: DecodeLayerBackend, make: MakeTensor) -> torch.Tensor:
     cache = make(6, 4, config.kv_entry_dim)
     meta = AttentionMetadata.build([1, 1], [5, 9], [[1, 3], [2, 4, 5]], 4, cache.device)
     positions = torch.tensor([4, 8], device=cache.device)
-    from model.layers import rope_cos_sin
-
     cos, sin = rope_cos_sin(positions, config.rope_dim, config.rope_theta)
     return layer(make(2, 32), cos, sin, meta, cache, None)
 
