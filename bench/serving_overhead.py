@@ -2,6 +2,7 @@
 engine's steps timed from inside, against what the client sees.
 
 Usage: python bench/serving_overhead.py [--dtype bfloat16] [--requests 3] [--prompt-len 64] [--output-len 128]
+                                       [--decode-layer auto|modules]
 
 Starts `python -m server` (seed model, random weights) in a child process whose engine thread times, per step:
 the whole `Engine.step` (schedule, run, update, emit), `ModelRunner.execute` (metadata, forward, logits,
@@ -9,7 +10,9 @@ sampling), the model's forward, `compute_logits` and the sampler; and the gap be
 next one's start (inbox, metrics, waiting). The client (bench/serve.py's request, a real SSE stream) records each
 token's arrival. Then the same decode step runs in this process without a server (bench/model_step.py's step), so
 the model's time inside the server (GIL and cores shared with the HTTP side) can be compared with its time alone.
-Medians over the decode steps of every request but the first (warm-up). Prints a table; not a test.
+Medians over the decode steps of every request but the first (warm-up). `--decode-layer modules` makes the
+server run every layer from Python (the decode layer backend has no server flag: set in the child only).
+Prints a table; not a test.
 """
 
 from __future__ import annotations
@@ -73,9 +76,13 @@ def _instrument(out_path: str) -> None:
     atexit.register(lambda: Path(out_path).write_text(json.dumps(calls)))
 
 
-def _serve_child(out_path: str, server_args: list[str]) -> int:
+def _serve_child(out_path: str, server_args: list[str], decode_layer: str = "auto") -> int:
     _instrument(out_path)
+    import server.startup
     from server.cli import main
+
+    server.startup.select_backends = functools.partial(server.startup.select_backends,  # type: ignore[assignment]
+                                                       decode_layer=decode_layer)
 
     return main(server_args)
 
@@ -91,6 +98,7 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--standalone-steps", type=int, default=30)
+    parser.add_argument("--decode-layer", default="auto", help="the server's decode layer backend")
     args = parser.parse_args()
 
     port = free_port()
@@ -101,7 +109,7 @@ def main() -> None:
                        "--log-level", "warning"]
         env = os.environ | {"PYTHONPATH": str(ROOT)}
         child = [sys.executable, "-c", f"import sys; from bench.serving_overhead import _serve_child; "
-                 f"sys.exit(_serve_child({out_path!r}, {server_args!r}))"]
+                 f"sys.exit(_serve_child({out_path!r}, {server_args!r}, {args.decode_layer!r}))"]
         proc = subprocess.Popen(child, env=env, cwd=ROOT)
         try:
             wait_healthy(proc, url, timeout=300, interval=0.5)
@@ -160,7 +168,7 @@ def main() -> None:
     from model import ModelConfig
 
     dtype = getattr(torch, args.dtype)
-    model = load_seed_model(dtype)
+    model = load_seed_model(dtype, decode_layer=args.decode_layer)
     context = args.prompt_len + args.output_len // 2
     cache = make_cache(ModelConfig(), dtype, 1, context, prompt=0)
     step = decode_step(model, cache, 1, context)
@@ -171,7 +179,8 @@ def main() -> None:
         step()
         alone.append(time.perf_counter() - start)
     rows.append((f"same step alone (metadata, forward, logits; context {context})", _median_ms(alone)))
-    print(f"\n{args.dtype}, 1 stream, {len(results)} requests x {args.output_len} tokens after a warm-up, "
+    print(f"\n{args.dtype}, decode layer {args.decode_layer}, 1 stream, {len(results)} requests x "
+          f"{args.output_len} tokens after a warm-up, "
           f"{len(decode_steps)} decode steps; medians, ms")
     for name, ms in rows:
         print(f"  {name:<60} {ms:7.2f}")
