@@ -82,8 +82,8 @@ def prefill_step(model: CustomLLM, cache: PagedLatentCache, prompt: int) -> Call
 
 
 def load_seed_model(dtype: torch.dtype, backend: str = "auto", **others: str) -> CustomLLM:
-    """The seed architecture with random weights on linear `backend` (others: attention=, moe= names); prints the
-    load time."""
+    """The seed architecture with random weights on linear `backend` (others: attention=, moe=, decode_layer=
+    names); prints the load time."""
     start = time.perf_counter()
     backends = select_backends("cpu", dtype, linear=backend, **others)
     model = load_model(None, dtype=dtype, config=ModelConfig(), backends=backends)

@@ -1,7 +1,8 @@
 """The backends a model runs on, one per op, chosen once before its weights are loaded (model/ops/registry.py).
 
 `--linear-backend` picks from the linear op, or from the int8 linear op under `--quantization int8`;
-`--attention-backend` from MLA decode; `--moe-backend` from MoE experts; RMSNorm has no flag.
+`--attention-backend` from MLA decode; `--moe-backend` from MoE experts; RMSNorm and the decode layer (one call per
+layer for all-decode steps, on the weights the others make) have no flag.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import dataclasses
 
 import torch
 
+from model.ops.decode_layer import DECODE_LAYER, DecodeLayerBackend, ModuleDecodeLayer
 from model.ops.linear import LINEAR, LinearBackend
 from model.ops.mla_decode import MLA_DECODE, MLADecodeBackend
 from model.ops.moe_base import ExpertsBackend
@@ -35,6 +37,7 @@ class ModelBackends:
     mla_decode: MLADecodeBackend
     experts: ExpertsBackend
     rms_norm: RMSNormBackend
+    decode_layer: DecodeLayerBackend
     choices: tuple[Choice, ...]
 
     def table(self) -> str:
@@ -46,7 +49,8 @@ class ModelBackends:
 
 
 def select_backends(device: torch.device | str, dtype: torch.dtype, quantization: str = "none", *,
-                    linear: str = "auto", attention: str = "auto", moe: str = "auto") -> ModelBackends:
+                    linear: str = "auto", attention: str = "auto", moe: str = "auto",
+                    decode_layer: str = "auto") -> ModelBackends:
     """Every op's backend for this device, dtype and quantization; a named one that cannot run raises
     BackendError (a ValueError) naming the op, the backend and why."""
     if quantization not in QUANTIZATIONS:
@@ -58,5 +62,13 @@ def select_backends(device: torch.device | str, dtype: torch.dtype, quantization
     decode_choice = select(MLA_DECODE, target, attention)
     experts_choice = select(MOE_EXPERTS, target, moe)
     norm_choice = select(RMS_NORM, target)
+    layer_choice = select(DECODE_LAYER, target, decode_layer)
+    why = layer_choice.backend.unsupported_with(linear_choice.backend, decode_choice.backend, experts_choice.backend,
+                                                norm_choice.backend)
+    if why is not None and decode_layer != "auto":
+        raise BackendError(f"the decode layer backend {decode_layer} cannot run here: {why}")
+    if why is not None:
+        layer_choice = Choice(DECODE_LAYER.name, ModuleDecodeLayer(), f"auto; not {layer_choice.backend.name}: {why}")
     return ModelBackends(target, linear_choice.backend, decode_choice.backend, experts_choice.backend,
-                         norm_choice.backend, (linear_choice, decode_choice, experts_choice, norm_choice))
+                         norm_choice.backend, layer_choice.backend,
+                         (linear_choice, decode_choice, experts_choice, norm_choice, layer_choice))

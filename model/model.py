@@ -15,6 +15,7 @@ from model.config import ModelConfig
 from model.layers import NOT_PROCESSED, Linear, ProcessesWeights, RMSNorm, rope_cos_sin
 from model.metadata import AttentionMetadata
 from model.moe import MoE
+from model.ops.decode_layer import DecodeLayerBackend, FusedDecode
 
 
 class MLP(nn.Module):
@@ -33,10 +34,20 @@ class DecoderLayer(nn.Module):
         self.self_attn = MultiHeadLatentAttention(config.hidden_size, config.num_attention_heads, config.latent_dim)
         self.post_attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
+        self.fused_decode: FusedDecode | None = None  # all-decode steps in one call (model/ops/decode_layer.py)
+
+    def bind_decode(self, backend: DecodeLayerBackend) -> None:
+        """After its modules' weights are processed: what runs this layer's all-decode steps."""
+        self.fused_decode = backend.bind(self)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata,
                 cache: torch.Tensor, expert_counts: torch.Tensor | None,
                 routed_experts: torch.Tensor | None) -> torch.Tensor:
+        # One new token per sequence and no prefill: the fused path, if the decode layer backend gave one. It does
+        # not hand back the routed expert ids, so a step that records them runs the modules.
+        one_token_each = meta.num_prefill_tokens == 0 and meta.decode_block_tables.shape[0] == x.shape[0]
+        if self.fused_decode is not None and one_token_each and routed_experts is None:
+            return self.fused_decode(x, cos, sin, meta, cache, expert_counts)
         x = x + self.self_attn(self.input_norm(x), cos, sin, meta, cache)
         return x + self.mlp.moe(self.post_attn_norm(x), expert_counts, routed_experts)
 
@@ -66,6 +77,7 @@ class CustomLLM(nn.Module):
                                                layer.mlp.moe]
             for module in modules:
                 module.process_weights(backends)
+            layer.bind_decode(backends.decode_layer)
         self.backends = backends
 
     @torch.inference_mode()
