@@ -132,7 +132,7 @@ def _case(backend: DecodeLayerBackend, make: MakeTensor) -> torch.Tensor:
     meta = AttentionMetadata.build([1, 1], [5, 9], [[1, 3], [2, 4, 5]], 4, cache.device)
     positions = torch.tensor([4, 8], device=cache.device)
     cos, sin = rope_cos_sin(positions, config.rope_dim, config.rope_theta)
-    return layer(make(2, 32), cos, sin, meta, cache, None)
+    return layer(make(2, 32), cos, sin, meta, cache, None, None)
 
 
 DECODE_LAYER: Op[DecodeLayerBackend] = Op(
