@@ -3,6 +3,7 @@ config, the load generator on llama-server's stream, the llama-server command an
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
@@ -159,3 +160,60 @@ def test_the_report_script_prints_the_table_again_from_a_runs_json(tmp_path: Pat
     assert [c.strip() for c in lines[0].split("|")] == ["conc", "this server", "this server, int8", "llama.cpp Q8_0",
                                                         "int8 vs Q8_0"]
     assert lines[1].split("|")[-1].strip() == "0.50x"
+
+
+# llama-server's stream for 8 tokens in, 4 out with timings_per_token (recorded from the build bench/peer_llama.py
+# makes; id, model, created and the other timings fields left out): usage comes only in a last event of its own.
+LLAMA_SERVER_STREAM = b"".join(b"data: " + json.dumps(event).encode() + b"\n\n" for event in [
+    *({"choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": None}],
+       "object": "text_completion", "timings": {"prompt_n": 8, "predicted_n": n}}
+      for n, text in enumerate(["tri", "syn", "syn", "syn"], start=1)),
+    {"choices": [{"text": "", "index": 0, "logprobs": None, "finish_reason": "length"}], "object": "text_completion",
+     "usage": {"completion_tokens": 4, "prompt_tokens": 8, "total_tokens": 12,
+               "prompt_tokens_details": {"cached_tokens": 0}}, "timings": {"prompt_n": 8, "predicted_n": 4}},
+]) + b"data: [DONE]\n\n"
+
+
+def test_the_load_generator_counts_llama_servers_tokens_as_they_arrive() -> None:
+    sent: list[dict[str, Any]] = []
+
+    def replay(request: httpx.Request) -> httpx.Response:
+        sent.append(json.loads(request.content))
+        return httpx.Response(200, content=LLAMA_SERVER_STREAM, headers={"content-type": "text/event-stream"})
+
+    async def one() -> serve.RequestResult:
+        async with httpx.AsyncClient(base_url="http://peer", transport=httpx.MockTransport(replay)) as client:
+            return await serve.one_request(client, "peer", list(range(100, 108)), 4, True,
+                                           {"timings_per_token": True})
+
+    result = asyncio.run(one())
+    assert sent[0]["timings_per_token"] is True and sent[0]["ignore_eos"] is True
+    assert result.ok and (result.output_tokens, result.prompt_tokens) == (4, 8)
+    assert len(result.itls) == 3  # the first token is the TTFT, not a gap; the usage event adds none
+    assert 0 < result.ttft <= result.e2e
+
+
+def test_tokens_are_counted_from_usage_where_every_chunk_has_it_and_from_timings_otherwise() -> None:
+    ours = {"choices": [{"text": " a b", "index": 0}], "usage": {"completion_tokens": 7, "prompt_tokens": 64}}
+    assert serve.tokens_so_far(ours, 5) == 7
+    last = {"choices": [], "usage": {"completion_tokens": 9}, "timings": {"predicted_n": 9}}
+    assert serve.tokens_so_far(last, 8) == 9
+    assert serve.tokens_so_far({"choices": [{"text": "x"}], "timings": {"predicted_n": 3}}, 2) == 3
+    assert serve.tokens_so_far({"choices": [{"text": "x"}]}, 2) == 2  # nothing says: no new token counted
+
+
+def test_llama_servers_kv_cache_line_gives_bytes_per_token() -> None:
+    line = ("0.01.529.314 I llama_kv_cache: size =  540.00 MiB (   256 cells,  30 layers, 64/64 seqs), "
+            "K (f16):  540.00 MiB, V (f16):    0.00 MiB")
+    assert peer_llama.kv_bytes_per_token("...\n" + line + "\n...") == 34_560
+    assert peer_llama.kv_bytes_per_token("no such line") is None
+
+
+def test_llama_server_runs_one_slot_per_stream_without_a_prompt_cache() -> None:
+    cmd = peer_llama.server_command(Path("llama-server"), Path("peer.gguf"), 8080, 64, 8192, 2)
+    def value(flag: str) -> str:
+        return cmd[cmd.index(flag) + 1]
+
+    assert (value("--parallel"), value("--ctx-size"), value("--threads"), value("--cache-ram")) == ("64", "8192",
+                                                                                                 "2", "0")
+    assert "--cont-batching" in cmd
