@@ -1,8 +1,10 @@
 """A throw-away server on 127.0.0.1 for the soak and fuzz scripts' `--start-server`: a subprocess of
-`python -m server`, serving a given checkpoint or a tiny random one written to a temporary directory."""
+`python -m server`, serving a given checkpoint or a tiny random one written to a temporary directory. Also the
+helpers that wait for a server and stop its process group, shared with the peer benchmark (bench/peer*.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -67,6 +69,33 @@ def wait_healthy(proc: subprocess.Popen[bytes], url: str, timeout: float, interv
         if time.monotonic() > deadline:
             raise RuntimeError(f"not healthy after {timeout:.0f} s")
         time.sleep(interval)
+
+
+def wait_started(proc: subprocess.Popen[bytes], url: str, timeout: float, log: Path) -> None:
+    """wait_healthy, with the end of the server's log in the error."""
+    try:
+        wait_healthy(proc, url, timeout, interval=2)
+    except RuntimeError as exc:
+        raise RuntimeError(f"{exc}:\n{tail(log)}") from None
+
+
+def tail(log: Path, lines: int = 25) -> str:
+    try:
+        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the process group (e.g. vLLM's API server, engine core and worker), then SIGKILL what remains."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=60)
+    time.sleep(1)  # the group's other members exit just after the leader
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 @contextmanager

