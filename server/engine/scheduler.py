@@ -309,18 +309,17 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
-    def postprocess(self, output: SchedulerOutput, sampled: list[SampledToken] | None = None) -> None:
-        """After the forward: mark the scheduled tokens whose KV stands computed and publish full blocks to the
-        cache. With drafts, `sampled` says how many each sequence kept (all its tokens but the last)."""
-        num_kept = {item.seq.seq_id: len(item.token_ids) - 1 for item in sampled or []}
+    def postprocess(self, output: SchedulerOutput, num_kept_drafts: dict[int, int] | None = None) -> None:
+        """After the forward and after the step's tokens are appended: mark the scheduled tokens whose KV stands
+        computed and publish full blocks to the cache. num_kept_drafts: seq_id -> how many of its drafts it kept."""
         for scheduled in output.scheduled:
             seq = scheduled.seq
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # aborted while the step ran; its blocks are already freed
             num_rejected = 0
             if scheduled.draft_token_ids:
-                num_rejected = len(scheduled.draft_token_ids) - num_kept[seq.seq_id]
-                self._spec_stats.add(len(scheduled.draft_token_ids), num_kept[seq.seq_id])
+                assert num_kept_drafts is not None, f"{seq}: drafts verified without a count"
+                num_rejected = len(scheduled.draft_token_ids) - num_kept_drafts[seq.seq_id]
             # NOTE: rejected drafts' KV lies in slots from num_computed_tokens on: never read (attention reads only
             # computed positions and this step's), never published (commit_computed registers only blocks full of
             # computed tokens), and overwritten when those positions are computed again.
@@ -333,23 +332,29 @@ class Scheduler:
 
     def update_from_output(self, output: SchedulerOutput, sampled: list[SampledToken],
                            eos_token_id: int) -> list[SequenceUpdate]:
-        """After the forward: postprocess, append each sampled token, and retire the sequences it ends (and those
-        with max_tokens 0, whose prompt is now computed). One update per sampled or retired sequence."""
-        self.postprocess(output, sampled)
+        """After the forward: append each sequence's new tokens up to the one that ends it, postprocess, retire
+        the sequences that ended (and those with max_tokens 0, whose prompt is now computed). One update per sampled
+        or retired sequence."""
+        drafts = {s.seq.seq_id: s.draft_token_ids for s in output.scheduled if s.draft_token_ids}
         updates = []
         for item in sampled:
-            reason = None
+            seq, reason = item.seq, None
+            if seq.seq_id in drafts:
+                self._spec_stats.add(len(drafts[seq.seq_id]), len(item.token_ids) - 1)
             for i, token_id in enumerate(item.token_ids):
-                item.seq.append_token(token_id)
-                reason = check_stop(item.seq, token_id, eos_token_id, self.config.max_model_len)
+                seq.append_token(token_id)
+                reason = check_stop(seq, token_id, eos_token_id, self.config.max_model_len)
                 if reason is not None:
                     # Kept drafts after the token that ends the sample are dropped, as if never generated.
                     del item.token_ids[i + 1:]
                     if item.logprobs is not None and item.top_logprobs is not None:
                         del item.logprobs[i + 1:], item.top_logprobs[i + 1:]
-                    self.finish(item.seq)
                     break
-            updates.append(SequenceUpdate(item.seq, item, reason))
+            updates.append(SequenceUpdate(seq, item, reason))
+        self.postprocess(output, {item.seq.seq_id: len(item.token_ids) - 1 for item in sampled})
+        for update in updates:
+            if update.finish_reason is not None:
+                self.finish(update.seq)
         for s in output.scheduled:
             if s.samples and s.seq.max_tokens == 0 and s.seq.status is SequenceStatus.RUNNING:
                 self.finish(s.seq)
