@@ -25,7 +25,8 @@ def test_multi_query_decode_rows_match_the_reference_at_every_position(backend: 
     prompts = {s: [gen.randrange(TINY.vocab_size) for _ in range(n)] for s, n in enumerate([6, 8, 11, 7])}
     for s in range(3):
         runner.step([(s, prompts[s])])
-    # One step: a prefill of 7 (sequence 3; a chunk of up to 5 would join the decode rows, as correct), then decodes of 1, 3 and 5 new tokens (the last token plus drafts).
+    # One step: a prefill of 7 (sequence 3; a chunk of up to 5 would join the decode rows, which is also correct),
+    # then decodes of 1, 3 and 5 new tokens (the last token plus drafts).
     new = {3: prompts[3], 0: [gen.randrange(TINY.vocab_size)], 1: [gen.randrange(TINY.vocab_size) for _ in range(3)],
            2: [gen.randrange(TINY.vocab_size) for _ in range(5)]}
     ids, positions, q_lens, ctx_lens, tables = [], [], [], [], []
