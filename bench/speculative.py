@@ -100,7 +100,8 @@ def main() -> None:
     print(f"# {cpu_name()} ({'+'.join(sorted(cpu_flags() & {'avx2', 'fma', 'avx512f'}))}), {torch.get_num_threads()} "
           f"threads, {dtype}, seed model (random weights), greedy, prompt {args.prompt_len} tokens, "
           f"{args.max_tokens} generated per stream, {args.speculative_config}")
-    print("| drafts | streams | plain tok/s | spec tok/s | speed-up | mean accepted length | acceptance | draft tokens |")
+    print("| drafts | streams | plain tok/s | spec tok/s | speed-up | mean accepted length | acceptance "
+          "| draft tokens |")
     print("|---|---|---|---|---|---|---|---|")
     step_cost: dict[int, tuple[float, float]] = {}
     k = spec.num_speculative_tokens
