@@ -1,9 +1,16 @@
 """AttentionMetadata: how a flat batch of tokens splits into sequences and where their cache lives.
 
 A flat batch is the concatenation of each scheduled sequence's new tokens. The sequences may come in any
-order; the longest run of single-token sequences at the end of the batch takes the decode path
-(absorbed attention over the latent), everything before it takes the prefill path (decompressed attention).
-The scheduler puts prefill chunks first so that all decodes form that tail.
+order; the longest run of decode sequences at the end of the batch (at most max_decode_query_len new tokens each:
+1, or 1 + k with k speculative drafts) takes the decode path (absorbed attention over the latent), everything
+before it takes the prefill path (decompressed attention). The scheduler puts prefill chunks first so that all
+decodes form that tail.
+
+The decode path has one row per token: a sequence's j-th new token of Q sees its context up to itself (context
+length C - Q + 1 + j for C in all), so the drafts of a speculating sequence are causal among themselves and every
+decode backend, written for one query per row, takes them unchanged. The cost: each row reads its context, so a
+sequence's Q rows read the shared prefix Q times (from the last-level cache after the first, at this model's
+context sizes).
 """
 
 from __future__ import annotations
@@ -24,8 +31,8 @@ class AttentionMetadata:
     prefill_query_lens: list[int]  # Q_i
     prefill_context_lens: list[int]  # C_i
     prefill_context_slots: torch.Tensor  # [sum C_i] int64: cache slots of every context token, sequence by sequence
-    # Decode path, per decode sequence (one new token each):
-    decode_block_tables: torch.Tensor  # [B, max_blocks] int64, padded with block 0
+    # Decode path, per decode row (one per decode token; B rows):
+    decode_block_tables: torch.Tensor  # [B, max_blocks] int64, padded with block 0 (a sequence's rows share it)
     decode_valid: torch.Tensor  # [B, max_blocks * block_size] bool: True where the position is in the context
     # Built from static device buffers (server/engine/cuda_graphs.py): nothing may read a value back to the host,
     # so a CUDA graph can capture the step; derived tensors are then computed without shortcuts that look at values.
@@ -71,17 +78,20 @@ class AttentionMetadata:
 
     @classmethod
     def build(cls, query_lens: list[int], context_lens: list[int], block_tables: list[list[int]],
-              block_size: int, device: torch.device | str = "cpu") -> AttentionMetadata:
-        """From per-sequence new-token counts, total context lengths (cached + new) and block tables."""
+              block_size: int, device: torch.device | str = "cpu", max_decode_query_len: int = 1) -> AttentionMetadata:
+        """From per-sequence new-token counts, total context lengths (cached + new) and block tables; the trailing
+        sequences of at most max_decode_query_len new tokens take the decode path."""
         assert len(query_lens) == len(context_lens) == len(block_tables), "one entry per sequence"
         num_seqs = len(query_lens)
         num_prefill_seqs = num_seqs
-        while num_prefill_seqs > 0 and query_lens[num_prefill_seqs - 1] == 1:
+        while num_prefill_seqs > 0 and query_lens[num_prefill_seqs - 1] <= max_decode_query_len:
             num_prefill_seqs -= 1
 
         slots: list[torch.Tensor] = []
         prefill_slots: list[torch.Tensor] = []
         decode_slots: list[int] = []  # plain ints: decode sequences are most of a big batch
+        decode_lens: list[int] = []  # per decode row
+        decode_tables: list[list[int]] = []
         for i, (q_len, ctx_len, table) in enumerate(zip(query_lens, context_lens, block_tables, strict=True)):
             assert 1 <= q_len <= ctx_len, f"sequence {i}: query_len={q_len} context_len={ctx_len}"
             assert len(table) * block_size >= ctx_len, (
@@ -93,16 +103,18 @@ class AttentionMetadata:
                 slots.append(ctx_slots[ctx_len - q_len:])
                 prefill_slots.append(ctx_slots)
             else:
-                decode_slots.append(table[(ctx_len - 1) // block_size] * block_size + (ctx_len - 1) % block_size)
+                for pos in range(ctx_len - q_len, ctx_len):  # one row per new token, seeing up to itself
+                    decode_slots.append(table[pos // block_size] * block_size + pos % block_size)
+                    decode_lens.append(pos + 1)
+                    decode_tables.append(table)
         if decode_slots:
             slots.append(torch.tensor(decode_slots, dtype=torch.int64))
 
-        decode_tables = block_tables[num_prefill_seqs:]
         max_blocks = max((len(t) for t in decode_tables), default=0)
         padded = torch.tensor([list(t) + [0] * (max_blocks - len(t)) for t in decode_tables],
                               dtype=torch.int64).view(len(decode_tables), max_blocks)
-        decode_lens = torch.tensor(context_lens[num_prefill_seqs:], dtype=torch.int64)
-        decode_valid = torch.arange(max_blocks * block_size)[None, :] < decode_lens[:, None]
+        decode_valid = (torch.arange(max_blocks * block_size)[None, :]
+                        < torch.tensor(decode_lens, dtype=torch.int64)[:, None])
 
         def to(t: torch.Tensor) -> torch.Tensor:
             return t.to(device, non_blocking=True)

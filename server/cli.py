@@ -15,6 +15,7 @@ from model import CheckpointError
 from model.backends import BACKEND_FLAGS
 from model.ops.quantized_linear import QUANTIZATIONS
 from server.drain import DrainingServer
+from server.engine.speculative_config import SpeculativeConfig
 from server.metrics import ServerMetrics
 from server.openai.api import ServerSettings, create_app
 from server.openai.chat_template import load_chat_template
@@ -103,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--enable-return-routed-experts", type=_bool, nargs="?", const=True, default=False,
         help="let requests ask for return_routed_experts: each token's top-k routed expert ids in every layer, "
              "base64 in each choice (SGLang's flag; docs/api.md). Steps where no request asks run as without it")
+    add("--speculative-config", default=None,
+        help="speculative decoding, as vLLM's JSON: '{\"method\": \"ngram\", \"num_speculative_tokens\": 4, "
+             "\"prompt_lookup_min\": 2, \"prompt_lookup_max\": 5, \"disable_by_batch_size\": 8}' (prompt-lookup "
+             "drafts verified in one step; off by default)")
     add("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
     add("--seed", type=int, default=0, help="seed for random weights and for unseeded sampling")
     add("--max-queued-requests", type=_positive_int, default=1024,
@@ -139,6 +144,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if tokenizer_path is None and args.model and os.path.isfile(os.path.join(args.model, "tokenizer.json")):
             tokenizer_path = os.path.join(args.model, "tokenizer.json")
         tokenizer = load_tokenizer(tokenizer_path)
+        speculative = (None if args.speculative_config is None
+                       else SpeculativeConfig.from_json(args.speculative_config))
         metrics = ServerMetrics()
         engine = build_engine(args.model, dtype=args.dtype, device=args.device, seed=args.seed,
                               quantization=args.quantization, linear_backend=args.linear_backend,
@@ -148,7 +155,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                               block_size=args.block_size, enable_prefix_caching=args.enable_prefix_caching,
                               eos_token_id=tokenizer.eos_token_id, metrics=metrics,
                               enforce_eager=args.enforce_eager, gpu_memory_utilization=args.gpu_memory_utilization,
-                              enable_return_routed_experts=args.enable_return_routed_experts)
+                              enable_return_routed_experts=args.enable_return_routed_experts,
+                              speculative_config=speculative)
         if engine.vocab_size != tokenizer.vocab_size:
             raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
                              f"{engine.vocab_size}; pass the matching --tokenizer")

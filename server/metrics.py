@@ -114,6 +114,17 @@ class ServerMetrics:
             "customllm_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", registry=r)
         self.prefix_cache_hits = Counter(
             "customllm_prefix_cache_hits", "Prompt tokens found in the prefix cache.", registry=r)
+        self.spec_decode_num_drafts = Counter(
+            "customllm_spec_decode_num_drafts", "Speculative drafts verified (one per sequence and step with drafts).",
+            registry=r)
+        self.spec_decode_num_draft_tokens = Counter(
+            "customllm_spec_decode_num_draft_tokens", "Speculative draft tokens verified.", registry=r)
+        self.spec_decode_num_accepted_tokens = Counter(
+            "customllm_spec_decode_num_accepted_tokens", "Speculative draft tokens accepted.", registry=r)
+        self.spec_decode_num_accepted_tokens_per_pos = Counter(
+            "customllm_spec_decode_num_accepted_tokens_per_pos",
+            "Speculative draft tokens accepted at each position of a draft (0 = the first drafted token).",
+            ("position",), registry=r)
         self.http_requests = Counter(
             "customllm_http_requests", "HTTP responses by route template and status code.",
             ("route", "status"), registry=r)
@@ -141,7 +152,8 @@ class ServerMetrics:
             (self.num_requests_running, self.num_requests_waiting, self.kv_cache_usage_ratio, self.prompt_tokens,
              self.generation_tokens, self.request_success, self.num_preemptions, self.prefix_cache_queries,
              self.prefix_cache_hits, self.time_to_first_token, self.inter_token_latency, self.e2e_request_latency,
-             self.request_queue_time))
+             self.request_queue_time, self.spec_decode_num_drafts, self.spec_decode_num_draft_tokens,
+             self.spec_decode_num_accepted_tokens, self.spec_decode_num_accepted_tokens_per_pos))
         r.register(self.vllm_aliases)
         self._info_labels: tuple[str, str, str, str] | None = None
 
@@ -164,6 +176,11 @@ class ServerMetrics:
         """vllm:cache_config_info's labels (a router sizes its prefix index by block_size)."""
         self.vllm_aliases.set_cache_config(block_size, num_blocks, enable_prefix_caching, cache_dtype)
 
+    def set_num_speculative_tokens(self, num_tokens: int) -> None:
+        """Export the per-position accepted-token counters of every draft position (as 0 until counted)."""
+        for position in range(num_tokens):
+            self.spec_decode_num_accepted_tokens_per_pos.labels(str(position))
+
     def set_served_model_name(self, name: str) -> None:
         """The model_name label of the vllm:* aliases."""
         self.vllm_aliases.set_model_name(name)
@@ -185,6 +202,14 @@ class ServerMetrics:
             self.prefix_cache_queries.inc(stats.num_new_prefix_queries)
         if stats.num_new_prefix_hits:
             self.prefix_cache_hits.inc(stats.num_new_prefix_hits)
+        spec = stats.spec_decoding
+        if spec is not None:
+            self.spec_decode_num_drafts.inc(spec.num_drafts)
+            self.spec_decode_num_draft_tokens.inc(spec.num_draft_tokens)
+            self.spec_decode_num_accepted_tokens.inc(spec.num_accepted_tokens)
+            for position, count in enumerate(spec.num_accepted_tokens_per_pos):
+                if count:
+                    self.spec_decode_num_accepted_tokens_per_pos.labels(str(position)).inc(count)
 
     def record_finished(self, stats: FinishedStats) -> None:
         """Record a finished sample."""

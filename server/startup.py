@@ -19,6 +19,7 @@ from server.engine.engine import Engine
 from server.engine.model_runner import ModelRunner
 from server.engine.sampler import Sampler
 from server.engine.scheduler import SchedulerConfig
+from server.engine.speculative_config import SpeculativeConfig
 from server.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
@@ -117,7 +118,8 @@ def build_engine(model_path: str | None, *, dtype: str = "auto", device: str = "
                  max_model_len: int | None = None, block_size: int = 16, enable_prefix_caching: bool = True,
                  eos_token_id: int = 0, metrics: ServerMetrics | None = None,
                  model_config: ModelConfig | None = None, enforce_eager: bool = False,
-                 gpu_memory_utilization: float = 0.9, enable_return_routed_experts: bool = False) -> Engine:
+                 gpu_memory_utilization: float = 0.9, enable_return_routed_experts: bool = False,
+                 speculative_config: SpeculativeConfig | None = None) -> Engine:
     """Load the model, size its cache and capture the decode graphs (CUDA); the engine is returned not yet started.
 
     kv_cache_tokens None: 2GiB on CPU; on CUDA what gpu_memory_utilization leaves free after the weights.
@@ -181,5 +183,9 @@ def build_engine(model_path: str | None, *, dtype: str = "auto", device: str = "
                                  str(torch_dtype).removeprefix("torch."))
         metrics.set_info(model_path or "random-seed-weights", str(torch_dtype).removeprefix("torch."),
                          str(torch_device))
+        if speculative_config is not None:
+            metrics.set_num_speculative_tokens(speculative_config.num_speculative_tokens)
+    if speculative_config is not None:
+        logger.info("speculative decoding: %s", speculative_config)
     runner = ModelRunner(model, cache, Sampler(seed=seed), eos_token_id, decode_runner, enable_return_routed_experts)
-    return Engine(runner, scheduler_config, config.vocab_size, metrics)
+    return Engine(runner, scheduler_config, config.vocab_size, metrics, speculative_config=speculative_config)

@@ -210,6 +210,17 @@ class BlockManager:
 
     # -- release ----------------------------------------------------------------------------
 
+    def release_tail(self, seq: Sequence, num_tokens: int) -> None:
+        """Drop the blocks of seq's table past those holding its first num_tokens tokens (blocks that only rejected
+        speculative drafts needed: never registered, since no computed token fills them)."""
+        keep = self.num_blocks_for(num_tokens)
+        for block_id in reversed(seq.block_table[keep:]):
+            block = self.blocks[block_id]
+            assert block.ref_count == 1 and block.hash is None, f"tail block {block} of {seq} is shared or cached"
+            block.ref_count = 0
+            self._free_unhashed.append(block_id)
+        del seq.block_table[keep:]
+
     def free(self, seq: Sequence) -> None:
         """Drop seq's references; its table is cleared and num_computed_tokens reset to 0."""
         # Tail first, so under pressure a chain's tail is evicted before its shareable head.

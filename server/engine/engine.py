@@ -18,12 +18,14 @@ from collections.abc import Callable
 
 from server.engine.grammar import CompiledGrammar
 from server.engine.model_runner import ModelRunner
+from server.engine.ngram_drafter import NgramDrafter
 from server.engine.outputs import RequestStream, SequenceOutput
 from server.engine.routed_experts import RoutedExpertsRecord, record_step
 from server.engine.sampler_state import PromptLogprob, SamplingState
 from server.engine.sampling_params import SamplingParams
 from server.engine.scheduler import Scheduler, SchedulerConfig, SequenceUpdate
 from server.engine.sequence import Sequence, SequenceStatus
+from server.engine.speculative_config import SpeculativeConfig
 from server.engine.stats import FinishedStats
 from server.metrics import ServerMetrics
 
@@ -38,7 +40,8 @@ class Engine:
     """Continuous-batching engine. `add_request` and `abort` are safe from any thread."""
 
     def __init__(self, runner: ModelRunner, config: SchedulerConfig, vocab_size: int,
-                 metrics: ServerMetrics | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 metrics: ServerMetrics | None = None, clock: Callable[[], float] = time.monotonic,
+                 speculative_config: SpeculativeConfig | None = None) -> None:
         max_positions = runner.model.config.max_position_embeddings
         if config.max_model_len > max_positions:
             raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's max_position_embeddings "
@@ -49,6 +52,9 @@ class Engine:
         self.metrics = metrics
         self.clock = clock
         self.scheduler = Scheduler(config, clock=clock)
+        # Speculative decoding: drafts proposed for the running decodes before each step is scheduled.
+        self.drafter = (None if speculative_config is None
+                        else NgramDrafter(speculative_config, config.max_model_len))
         self.eos_token_id = runner.eos_token_id
         self._seq_ids = itertools.count()
         self._lock = threading.Lock()
@@ -197,6 +203,8 @@ class Engine:
 
     def step(self) -> None:
         """Schedule one batch, run it, hand out its tokens."""
+        if self.drafter is not None:
+            self.drafter.propose(self.scheduler.running)
         out = self.scheduler.schedule()
         self._num_running_requests = len({s.request_id for s in self.scheduler.running})
         if out.is_empty:
@@ -228,19 +236,19 @@ class Engine:
         output = SequenceOutput(seq.index, [], lp, [] if lp is not None else None, update.finish_reason)
         if item is not None:
             assert now is not None, "a sampled token needs the step's time"
-            if seq.num_generated_tokens == 1 and seq.num_preemptions == 0:
+            if seq.num_generated_tokens == len(item.token_ids) and seq.num_preemptions == 0:
                 stream.num_cached_tokens = seq.num_cached_tokens
             if seq.first_token_time is None:
                 seq.first_token_time = now
             elif self.metrics is not None and seq.last_token_time is not None:
                 self.metrics.observe_token_latency(now - seq.last_token_time)
             seq.last_token_time = now
-            output.token_ids = [item.token_id]
-            output.logprobs = [item.logprob] if item.logprob is not None else None
-            output.top_logprobs = [item.top_logprobs] if item.top_logprobs is not None else None
+            output.token_ids = item.token_ids
+            output.logprobs = item.logprobs
+            output.top_logprobs = item.top_logprobs
         # With the first token (or the end of a prompt-only sequence): the prompt logprobs, once.
         prompt_only_done = item is None and update.finish_reason == "length" and seq.max_tokens == 0
-        if (item is not None and seq.num_generated_tokens == 1) or prompt_only_done:
+        if (item is not None and seq.num_generated_tokens == len(item.token_ids)) or prompt_only_done:
             output.prompt_logprobs = self._take_prompt_logprobs(seq)
         # With each token: the rows of the tokens read to produce it (the whole prompt's with the first).
         if seq.routed_experts is not None and (item is not None or prompt_only_done):

@@ -8,12 +8,20 @@ import torch
 from model import AttentionMetadata, CustomLLM, PagedLatentCache
 from server.engine.cuda_graphs import DecodeGraphRunner
 from server.engine.outputs import SampledToken, StepOutput
-from server.engine.sampler import Sampler
-from server.engine.sampler_state import PromptLogprob
+from server.engine.sampler import Sampler, SamplerOutput
+from server.engine.sampler_state import PromptLogprob, SamplingState
 from server.engine.scheduler import ScheduledSequence
+from server.engine.spec_verify import verify
 
 # Prompt rows scored per lm_head call: bounds the float32 logits to 64 x V (12.6 MB at V = 49,152).
 _PROMPT_LOGITS_ROWS = 64
+
+
+def _logprobs_of(out: SamplerOutput, span: slice) -> tuple[list[float] | None, list[list[tuple[int, float]]] | None]:
+    """The logprobs and top logprobs of out's rows in span (one sequence's), None when it did not ask for them."""
+    if out.logprobs is None or out.top_logprobs is None or out.logprobs[span.start] is None:
+        return None, None
+    return ([v for v in out.logprobs[span] if v is not None], [v for v in out.top_logprobs[span] if v is not None])
 
 
 class ModelRunner:
@@ -42,7 +50,7 @@ class ModelRunner:
         query_lens, context_lens, tables = [], [], []
         for s in scheduled:
             end = s.start_pos + s.num_new_tokens
-            ids += s.seq.token_ids[s.start_pos:end]
+            ids += s.seq.token_ids[s.start_pos:end - len(s.draft_token_ids)] + s.draft_token_ids
             positions += range(s.start_pos, end)
             query_lens.append(s.num_new_tokens)
             context_lens.append(end)
@@ -51,10 +59,13 @@ class ModelRunner:
                                                                   for s in scheduled)
         routed: torch.Tensor | None  # [T, L, K] int32 when some sequence asked for its routed experts
         decode = self.decode_runner
+        # Speculating decodes (1 + k tokens) join the decode path; their steps run eagerly (the graphs hold 1 each).
+        max_decode_len = 1 + max(len(s.draft_token_ids) for s in scheduled)
         if decode is not None and len(ids) == len(scheduled) and decode.can_run(len(ids), tables):
             hidden, expert_counts, routed = decode.run(ids, positions, context_lens, tables, record_routed)
         else:
-            meta = AttentionMetadata.build(query_lens, context_lens, tables, self.cache.block_size, self.device)
+            meta = AttentionMetadata.build(query_lens, context_lens, tables, self.cache.block_size, self.device,
+                                           max_decode_len)
             expert_counts = torch.zeros(self.num_layers, self.num_routed_experts, dtype=torch.int64,
                                         device=self.device)
             routed = (torch.empty(len(ids), self.num_layers, self.top_k, dtype=torch.int32, device=self.device)
@@ -63,42 +74,66 @@ class ModelRunner:
                                 meta, self.cache.layers, expert_counts, routed)
 
         self._prompt_logprobs(scheduled, hidden)
-        sampled = self._sample(scheduled, query_lens, hidden)
+        sampled = self._sample(scheduled, query_lens, hidden, max_decode_len)
         # Read back after the sampler, whose own read has waited for the forward: no extra stall.
-        return StepOutput(sampled, expert_counts.tolist(), self._routed_rows(scheduled, routed))
+        return StepOutput(sampled, expert_counts.tolist(), self._routed_rows(scheduled, sampled, routed))
 
-    def _sample(self, scheduled: list[ScheduledSequence], query_lens: list[int],
-                hidden: torch.Tensor) -> list[SampledToken]:
-        """The next token of each sequence whose last token this step computed."""
+    def _sample(self, scheduled: list[ScheduledSequence], query_lens: list[int], hidden: torch.Tensor,
+                max_decode_len: int) -> list[SampledToken]:
+        """The next token (or, verifying drafts, the tokens) of each sequence whose last token this step computed."""
         # A max_tokens 0 sequence (prompt logprobs only) ends when its prompt is computed: nothing to sample.
         sampling = [i for i, s in enumerate(scheduled) if s.samples and s.seq.params.max_tokens > 0]
         if not sampling:
             return []
-        ends = torch.tensor(query_lens).cumsum(0) - 1  # row of each sequence's last token
-        logits = self.model.compute_logits(hidden[ends[sampling].to(self.device)])  # [S, V]
         rows = [scheduled[i] for i in sampling]
-        out = self.sampler.sample(logits, [r.seq.sampling for r in rows], [r.seq.num_generated_tokens for r in rows],
-                                  self.eos_token_id)
-        return [
-            SampledToken(r.seq, token, out.logprobs[i] if out.logprobs else None,
-                         out.top_logprobs[i] if out.top_logprobs else None)
-            for i, (r, token) in enumerate(zip(rows, out.token_ids, strict=True))
-        ]
+        states = [r.seq.sampling for r in rows]
+        num_generated = [r.seq.num_generated_tokens for r in rows]
+        ends = torch.tensor(query_lens).cumsum(0) - 1  # row of each sequence's last token
+        if max_decode_len == 1:
+            logits = self.model.compute_logits(hidden[ends[sampling].to(self.device)])  # [S, V]
+            out = self.sampler.sample(logits, states, num_generated, self.eos_token_id)
+            return [SampledToken(r.seq, [token], *_logprobs_of(out, slice(i, i + 1)))
+                    for i, (r, token) in enumerate(zip(rows, out.token_ids, strict=True))]
+        return self._verify(rows, ends[sampling].tolist(), hidden, states, num_generated)
+
+    def _verify(self, rows: list[ScheduledSequence], ends: list[int], hidden: torch.Tensor,
+                states: list[SamplingState], num_generated: list[int]) -> list[SampledToken]:
+        """A step with drafts: score each sampled sequence's last token and its drafts (its 1 + d last rows of
+        hidden [T, D]) and keep what verification accepts."""
+        drafts = [r.draft_token_ids for r in rows]
+        flat_rows = [row for end, d in zip(ends, drafts, strict=True) for row in range(end - len(d), end + 1)]
+        logits = self.model.compute_logits(hidden[torch.tensor(flat_rows, device=self.device)])  # [sum 1 + d, V]
+        out = verify(self.sampler, logits, states, num_generated, drafts, self.eos_token_id)
+        # NOTE: the cut of per-token outputs to what is kept: returned token i of the step is the one predicted at
+        # flat batch row flat_rows[out.rows[i]]; rows past a sequence's returned tokens hold rejected drafts, whose
+        # per-token data (logprobs here, routed experts in _routed_rows) is never read.
+        sampled = []
+        flat = 0
+        for r, tokens in zip(rows, out.token_ids, strict=True):
+            sampled.append(SampledToken(r.seq, tokens, *_logprobs_of(out.tokens, slice(flat, flat + len(tokens)))))
+            flat += len(tokens)
+        return sampled
 
     @staticmethod
-    def _routed_rows(scheduled: list[ScheduledSequence], routed: torch.Tensor | None) -> list[np.ndarray | None]:
-        """Per scheduled sequence, in order: its tokens' rows [num_new_tokens, L, K] of routed [T, L, K] if it
-        asked for them, else None."""
+    def _routed_rows(scheduled: list[ScheduledSequence], sampled: list[SampledToken],
+                     routed: torch.Tensor | None) -> list[np.ndarray | None]:
+        """Per scheduled sequence, in order: the rows [t, L, K] of routed [T, L, K] of the tokens it read and keeps
+        if it asked for them, else None. A speculating sequence that accepted m of its d drafts keeps its rows up to
+        the m-th draft: the later drafts' rows are of rejected tokens."""
         if routed is None:
             return [None] * len(scheduled)
+        returned = {id(t.seq): len(t.token_ids) for t in sampled}
         # One read-back, then each asking sequence copies its rows out: on CPU .cpu() is the decode runner's static
         # buffer itself, rewritten by the next step, and a view would keep the whole step's array alive.
         host = routed.cpu().numpy()
         rows: list[np.ndarray | None] = []
         start = 0
         for s in scheduled:
+            kept = s.num_new_tokens
+            if s.draft_token_ids and id(s.seq) in returned:
+                kept -= len(s.draft_token_ids) - (returned[id(s.seq)] - 1)
             asked = s.seq.routed_experts is not None
-            rows.append(host[start:start + s.num_new_tokens].copy() if asked else None)
+            rows.append(host[start:start + kept].copy() if asked else None)
             start += s.num_new_tokens
         return rows
 

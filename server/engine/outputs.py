@@ -21,12 +21,13 @@ from server.engine.sequence import Sequence
 
 @dataclasses.dataclass(slots=True)
 class SampledToken:
-    """What a step produced for one sequence whose last token it computed."""
+    """What a step produced for one sequence whose last token it computed: one token, or with speculative decoding
+    the drafts it kept and one token of the model's own (each with its logprobs, when asked for)."""
 
     seq: Sequence
-    token_id: int
-    logprob: float | None
-    top_logprobs: list[tuple[int, float]] | None
+    token_ids: list[int]
+    logprobs: list[float] | None
+    top_logprobs: list[list[tuple[int, float]]] | None
 
 
 @dataclasses.dataclass(slots=True)

@@ -16,7 +16,7 @@ from server.engine.sampler_state import SamplingState
 from server.engine.sampling_params import SamplingParams
 
 
-def _exponential_race_(logits: Tensor, noise: Tensor) -> Tensor:
+def exponential_race_(logits: Tensor, noise: Tensor) -> Tensor:
     """Token ids [R], one drawn per row of softmax(logits) [R, V], given noise [R, V] of Exp(1) draws: the
     argmax of p_i / E_i, i.e. of logits_i - log(E_i). In place over logits and noise.
 
@@ -80,7 +80,7 @@ class Sampler:
             raw_lp = logits[to_device(lp_rows, torch.long, dev)].float().log_softmax(dim=-1)
 
         x = apply_penalties(logits, states, num_generated, eos_token_id)  # [B, V] float32
-        self._apply_grammars(x, states)
+        self.apply_grammars(x, states)
         random_rows = [r for r, p in enumerate(params) if not p.greedy]
         if not random_rows:
             tokens = x.argmax(dim=-1)  # [B]
@@ -90,7 +90,7 @@ class Sampler:
             rand_idx = None if all_random else to_device(random_rows, torch.long, dev)
             xr = x if rand_idx is None else x[rand_idx]  # [R, V], ours to modify
             temperature_and_filters_(xr, [params[r] for r in random_rows])
-            sampled = _exponential_race_(xr, self._draw_noise(states, random_rows, xr))  # [R]
+            sampled = exponential_race_(xr, self.draw_noise(states, random_rows, xr))  # [R]
             if rand_idx is None:
                 tokens = sampled
             else:
@@ -101,10 +101,10 @@ class Sampler:
 
         out = SamplerOutput(token_ids=tokens.tolist())
         if raw_lp is not None:
-            self._fill_logprobs(out, raw_lp, tokens, lp_rows, params)
+            self.fill_logprobs(out, raw_lp, tokens, lp_rows, params)
         return out
 
-    def _apply_grammars(self, x: Tensor, states: list[SamplingState]) -> None:
+    def apply_grammars(self, x: Tensor, states: list[SamplingState]) -> None:
         """Mask the disallowed tokens of the constrained rows of x [B, V]; the other rows are not touched."""
         rows = [r for r, s in enumerate(states) if s.matcher is not None]
         if not rows:
@@ -120,7 +120,7 @@ class Sampler:
         apply_bitmask_(sub, bitmask)
         x[idx] = sub
 
-    def _draw_noise(self, states: list[SamplingState], random_rows: list[int], like: Tensor) -> Tensor:
+    def draw_noise(self, states: list[SamplingState], random_rows: list[int], like: Tensor) -> Tensor:
         """Exp(1) noise [R, V] for the sampled rows: seeded rows from their own generator, the rest in one call.
 
         A seeded row takes exactly V draws per step from its own stream, so its tokens do not depend on what
@@ -145,7 +145,7 @@ class Sampler:
         return noise
 
     @staticmethod
-    def _fill_logprobs(
+    def fill_logprobs(
         out: SamplerOutput, raw_lp: Tensor, tokens: Tensor, lp_rows: list[int],
         params: list[SamplingParams],
     ) -> None:

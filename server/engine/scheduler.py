@@ -1,7 +1,8 @@
 """Continuous batching: admission, chunked prefill under a token budget, and preemption.
 
 Each step the scheduler fills one flat batch of at most max_num_batched_tokens tokens:
-running decodes first (one token each, so they never stall behind a long prompt), then the
+running decodes first (one token each, so they never stall behind a long prompt, plus the
+sequence's speculative drafts where the budget and the cache have room), then the
 chunks of running prefills, then new admissions in FCFS order. When the cache is full the
 most recently arrived running sequence is preempted and later recomputed from scratch
 (cheaply, when its blocks are still in the prefix cache).
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 from server.engine.block_manager import BlockManager
 from server.engine.outputs import SampledToken
 from server.engine.sequence import Sequence, SequenceStatus
-from server.engine.stats import SchedulerStats
+from server.engine.stats import SchedulerStats, SpecDecodingStats
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -47,10 +48,12 @@ class SchedulerConfig:
 
 @dataclass(slots=True)
 class ScheduledSequence:
-    """One sequence's share of a step: num_new_tokens tokens starting at start_pos."""
+    """One sequence's share of a step: num_new_tokens tokens starting at start_pos, of which the last
+    len(draft_token_ids) are speculative drafts (a decode's, not yet part of the sequence's tokens)."""
 
     seq: Sequence
     num_new_tokens: int
+    draft_token_ids: list[int] = field(default_factory=list)
     # Snapshots taken at scheduling time; postprocess() moves the sequence on afterwards.
     start_pos: int = field(init=False)
     is_prefill: bool = field(init=False)
@@ -59,12 +62,12 @@ class ScheduledSequence:
 
     def __post_init__(self) -> None:
         seq = self.seq
-        assert 0 < self.num_new_tokens <= seq.num_uncomputed_tokens, (
-            f"{seq}: cannot schedule {self.num_new_tokens} tokens"
-        )
+        num_real = self.num_new_tokens - len(self.draft_token_ids)
+        assert 0 < num_real <= seq.num_uncomputed_tokens, f"{seq}: cannot schedule {self.num_new_tokens} tokens"
+        assert not self.draft_token_ids or not seq.is_prefill, f"{seq}: drafts on a prefill"
         self.start_pos = seq.num_computed_tokens
         self.is_prefill = seq.is_prefill
-        self.samples = seq.num_computed_tokens + self.num_new_tokens == seq.num_tokens
+        self.samples = seq.num_computed_tokens + num_real == seq.num_tokens
 
 
 @dataclass(slots=True)
@@ -120,6 +123,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self._reported = (0, 0, 0)  # preemptions, prefix queries, prefix hits as of the last stats
+        self._spec_stats = SpecDecodingStats()  # verified drafts since the last stats
 
     # -- queue management -------------------------------------------------------------------
 
@@ -193,8 +197,10 @@ class Scheduler:
         counters as deltas since the previous call."""
         now = (self.num_preemptions, self.num_prefix_queries_tokens, self.num_prefix_hit_tokens)
         last, self._reported = self._reported, now
+        spec, self._spec_stats = self._spec_stats, SpecDecodingStats()
         return SchedulerStats(num_batched_tokens, num_running_reqs, num_waiting_reqs, self.block_usage,
-                              now[0] - last[0], now[1] - last[1], now[2] - last[2], expert_counts)
+                              now[0] - last[0], now[1] - last[1], now[2] - last[2], expert_counts,
+                              spec if spec.num_drafts else None)
 
     # -- the step ---------------------------------------------------------------------------
 
@@ -220,12 +226,18 @@ class Scheduler:
             seq = self.running[i]
             assert seq.num_uncomputed_tokens > 0, f"running {seq} has no token to compute"
             is_decode = not seq.is_prefill
-            num_new = min(1, budget) if is_decode else min(seq.num_uncomputed_tokens, budget - num_reserved)
+            if is_decode:
+                # Drafts take what the budget has left after one token for this and every later decode.
+                num_new = min(1, budget) + max(0, min(len(seq.spec_token_ids), budget - num_reserved))
+            else:
+                num_new = min(seq.num_uncomputed_tokens, budget - num_reserved)
             if num_new <= 0:  # out of budget: this one waits for the next step
                 if is_decode:
                     num_reserved -= 1
                 i += 1
                 continue
+            if num_new > 1 and is_decode and not self.block_manager.can_append_slots(seq, num_new):
+                num_new = 1  # no room for the drafts' slots: decode without them rather than preempt anyone
             while not self.block_manager.can_append_slots(seq, num_new):
                 # The victim is the latest arrival: always at or after position i, so never
                 # a sequence already scheduled this step.
@@ -238,7 +250,8 @@ class Scheduler:
                     break
             else:
                 self.block_manager.append_slots(seq, num_new)
-                (decodes if is_decode else prefills).append(ScheduledSequence(seq, num_new))
+                drafts = seq.spec_token_ids[:num_new - 1] if is_decode else []
+                (decodes if is_decode else prefills).append(ScheduledSequence(seq, num_new, drafts))
                 budget -= num_new
                 if is_decode:
                     num_reserved -= 1
@@ -296,28 +309,52 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
-    def postprocess(self, output: SchedulerOutput) -> None:
-        """After the forward: mark the scheduled tokens computed and publish full blocks to the cache."""
+    def postprocess(self, output: SchedulerOutput, num_kept_drafts: dict[int, int] | None = None) -> None:
+        """After the forward and after the step's tokens are appended: mark the scheduled tokens whose KV stands
+        computed and publish full blocks to the cache. num_kept_drafts: seq_id -> how many of its drafts it kept."""
         for scheduled in output.scheduled:
             seq = scheduled.seq
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # aborted while the step ran; its blocks are already freed
-            seq.num_computed_tokens += scheduled.num_new_tokens
+            num_rejected = 0
+            if scheduled.draft_token_ids:
+                assert num_kept_drafts is not None, f"{seq}: drafts verified without a count"
+                num_rejected = len(scheduled.draft_token_ids) - num_kept_drafts[seq.seq_id]
+            # NOTE: rejected drafts' KV lies in slots from num_computed_tokens on: never read (attention reads only
+            # computed positions and this step's), never published (commit_computed registers only blocks full of
+            # computed tokens), and overwritten when those positions are computed again.
+            seq.num_computed_tokens += scheduled.num_new_tokens - num_rejected
             assert seq.num_computed_tokens <= seq.num_tokens, f"{seq} computed past its end"
+            if num_rejected:
+                # Blocks only the rejected drafts needed go back; the next token's slot stays.
+                self.block_manager.release_tail(seq, seq.num_computed_tokens + 1)
             self.block_manager.commit_computed(seq)
 
     def update_from_output(self, output: SchedulerOutput, sampled: list[SampledToken],
                            eos_token_id: int) -> list[SequenceUpdate]:
-        """After the forward: postprocess, append each sampled token, and retire the sequences it ends (and those
-        with max_tokens 0, whose prompt is now computed). One update per sampled or retired sequence."""
-        self.postprocess(output)
+        """After the forward: append each sequence's new tokens up to the one that ends it, postprocess, retire
+        the sequences that ended (and those with max_tokens 0, whose prompt is now computed). One update per sampled
+        or retired sequence."""
+        drafts = {s.seq.seq_id: s.draft_token_ids for s in output.scheduled if s.draft_token_ids}
         updates = []
         for item in sampled:
-            item.seq.append_token(item.token_id)
-            reason = check_stop(item.seq, item.token_id, eos_token_id, self.config.max_model_len)
-            if reason is not None:
-                self.finish(item.seq)
-            updates.append(SequenceUpdate(item.seq, item, reason))
+            seq, reason = item.seq, None
+            if seq.seq_id in drafts:
+                self._spec_stats.add(len(drafts[seq.seq_id]), len(item.token_ids) - 1)
+            for i, token_id in enumerate(item.token_ids):
+                seq.append_token(token_id)
+                reason = check_stop(seq, token_id, eos_token_id, self.config.max_model_len)
+                if reason is not None:
+                    # Kept drafts after the token that ends the sample are dropped, as if never generated.
+                    del item.token_ids[i + 1:]
+                    if item.logprobs is not None and item.top_logprobs is not None:
+                        del item.logprobs[i + 1:], item.top_logprobs[i + 1:]
+                    break
+            updates.append(SequenceUpdate(seq, item, reason))
+        self.postprocess(output, {item.seq.seq_id: len(item.token_ids) - 1 for item in sampled})
+        for update in updates:
+            if update.finish_reason is not None:
+                self.finish(update.seq)
         for s in output.scheduled:
             if s.samples and s.seq.max_tokens == 0 and s.seq.status is SequenceStatus.RUNNING:
                 self.finish(s.seq)

@@ -1,11 +1,17 @@
 """One generation stream (one sample of a request): its tokens, its sampler state, how many of its tokens have KV in
 the cache, and its block table."""
 
+from __future__ import annotations
+
 import enum
+from typing import TYPE_CHECKING
 
 from server.engine.routed_experts import RoutedExpertsRecord
 from server.engine.sampler_state import SamplingState
 from server.engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from server.engine.ngram_drafter import NgramIndex
 
 
 class SequenceStatus(enum.Enum):
@@ -31,6 +37,7 @@ class Sequence:
         "index",
         "last_token_time",
         "max_tokens",
+        "ngram_index",
         "num_cached_tokens",
         "num_computed_tokens",
         "num_preemptions",
@@ -40,6 +47,7 @@ class Sequence:
         "sampling",
         "seq_id",
         "skip_reading_prefix_cache",
+        "spec_token_ids",
         "status",
         "token_ids",
     )
@@ -83,6 +91,10 @@ class Sequence:
         self.index = index  # which of its request's n samples
         self.first_token_time: float | None = None
         self.last_token_time: float | None = None
+        # Speculative decoding: this step's draft tokens (proposed by server/engine/ngram_drafter.py, never part of
+        # token_ids until verified) and the n-gram index they come from.
+        self.spec_token_ids: list[int] = []
+        self.ngram_index: NgramIndex | None = None
 
     @property
     def params(self) -> SamplingParams:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True, slots=True)
@@ -17,6 +17,28 @@ class SchedulerStats:
     num_new_prefix_queries: int  # prompt tokens looked up in the prefix cache at admission
     num_new_prefix_hits: int  # of which found
     expert_counts: list[list[int]] | None = None  # this step's tokens per [layer][routed expert]
+    spec_decoding: SpecDecodingStats | None = None  # drafts verified since the previous stats, None if none
+
+
+@dataclass(slots=True)
+class SpecDecodingStats:
+    """Speculative drafts verified (vLLM's spec_decode metrics): one draft = one sequence's drafts of one step."""
+
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    # Entry j: drafts whose token at position j was kept (a kept token's predecessors were all kept).
+    num_accepted_tokens_per_pos: list[int] = field(default_factory=list)
+
+    def add(self, num_draft_tokens: int, num_accepted: int) -> None:
+        """One sequence's drafts of one step, of which the first num_accepted were kept."""
+        self.num_drafts += 1
+        self.num_draft_tokens += num_draft_tokens
+        self.num_accepted_tokens += num_accepted
+        per_pos = self.num_accepted_tokens_per_pos
+        per_pos.extend([0] * (num_draft_tokens - len(per_pos)))
+        for j in range(num_accepted):
+            per_pos[j] += 1
 
 
 @dataclass(frozen=True, slots=True)

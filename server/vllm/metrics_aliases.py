@@ -6,6 +6,8 @@ never a second recording. The names, types and units are those of vLLM's v1 engi
   `vllm:num_requests_running`, `vllm:kv_cache_usage_perc` (0..1) and `vllm:cache_config_info`'s `block_size`
   and `num_gpu_blocks` labels (the picker sizes its prefix index with them);
 - KEDA / prometheus-adapter rules of production-stack and llm-d: `vllm:num_requests_waiting`;
+- vLLM's speculative decoding counters (`vllm:spec_decode_*`, the per-position one labelled `position`), read by
+  its Grafana dashboard;
 - production-stack's router scrapes the v0 names `vllm:gpu_cache_usage_perc` and
   `vllm:gpu_prefix_cache_{queries,hits}_total`, so those are exported too (same values as the v1 names).
 Every alias carries vLLM's `model_name` and `engine` labels (engine "0": one engine per server).
@@ -47,6 +49,10 @@ ALIASES = (
     Alias("customllm_inter_token_latency_seconds", "vllm:inter_token_latency_seconds"),
     Alias("customllm_e2e_request_latency_seconds", "vllm:e2e_request_latency_seconds"),
     Alias("customllm_request_queue_time_seconds", "vllm:request_queue_time_seconds"),
+    Alias("customllm_spec_decode_num_drafts", "vllm:spec_decode_num_drafts"),
+    Alias("customllm_spec_decode_num_draft_tokens", "vllm:spec_decode_num_draft_tokens"),
+    Alias("customllm_spec_decode_num_accepted_tokens", "vllm:spec_decode_num_accepted_tokens"),
+    Alias("customllm_spec_decode_num_accepted_tokens_per_pos", "vllm:spec_decode_num_accepted_tokens_per_pos"),
 )
 
 

@@ -16,13 +16,15 @@ from server.engine.outputs import SequenceOutput
 from server.engine.sampler import Sampler
 from server.engine.sampling_params import SamplingParams
 from server.engine.scheduler import SchedulerConfig
+from server.engine.speculative_config import SpeculativeConfig
 from tests.model.conftest import TINY, random_model
 
 
 def make_engine(num_blocks: int = 256, block_size: int = 4, max_num_seqs: int = 32,
                 max_num_batched_tokens: int = 256, max_model_len: int = 256, seed: int = 1,
                 enable_prefix_caching: bool = True, static_decode: bool = False,
-                enable_return_routed_experts: bool = False) -> Engine:
+                enable_return_routed_experts: bool = False,
+                speculative_config: SpeculativeConfig | None = None) -> Engine:
     """A float32 TINY engine (vocab 97, EOS 0) with the weights random_state(tiny_config(max_model_len), seed); not
     started. static_decode: decode steps through the graph runner's static buffers (eagerly, on CPU), with its
     scratch block after the scheduler's blocks."""
@@ -40,7 +42,7 @@ def make_engine(num_blocks: int = 256, block_size: int = 4, max_num_seqs: int = 
                           enable_prefix_caching=enable_prefix_caching)
     runner = ModelRunner(model, cache, Sampler(seed=0), eos_token_id=0, decode_runner=decode,
                          enable_return_routed_experts=enable_return_routed_experts)
-    return Engine(runner, config, TINY.vocab_size)
+    return Engine(runner, config, TINY.vocab_size, speculative_config=speculative_config)
 
 
 def tiny_config(max_model_len: int = 256) -> ModelConfig:

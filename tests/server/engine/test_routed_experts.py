@@ -13,6 +13,7 @@ import pytest
 from server.engine.engine import Engine
 from server.engine.routed_experts import RoutedExpertsRecord
 from server.engine.sampling_params import SamplingParams
+from server.engine.speculative_config import SpeculativeConfig
 from tests.model.conftest import random_state
 from tests.model.reference import reference_routing
 from tests.server.engine_utils import make_engine, tiny_config
@@ -151,6 +152,21 @@ def test_n_samples_each_have_their_rows(engine, state) -> None:
     assert len({tuple(t) for t, _ in out.values()}) > 1  # they sampled different tokens
     for tokens, rows in out.values():
         assert_reference(state, p, tokens, rows)
+
+
+def test_speculating_sequences_keep_only_the_accepted_tokens_rows(engine, state) -> None:
+    """Steps verifying prompt-lookup drafts read 1 + k tokens per sequence; the rows of rejected drafts are dropped,
+    so every choice's rows are still the reference's routing of the tokens it kept."""
+    spec = SpeculativeConfig(num_speculative_tokens=4, prompt_lookup_min=1, prompt_lookup_max=2)
+    e = engine(speculative_config=spec)
+    # Prompts that repeat themselves, so lookup finds drafts; greedy output on the tiny model both follows and
+    # leaves them.
+    reqs = [((prompt(6, 60 + i) * 4)[:20 + i], asking(24)) for i in range(6)]
+    outs = run(e, reqs)
+    stats = e.scheduler.make_stats(0, 0, 0).spec_decoding
+    assert stats is not None and 0 < stats.num_accepted_tokens < stats.num_draft_tokens  # kept and rejected drafts
+    for (p, _), out in zip(reqs, outs, strict=True):
+        assert_reference(state, p, *out[0])
 
 
 def test_refused_when_not_enabled() -> None:

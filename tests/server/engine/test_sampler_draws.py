@@ -100,13 +100,13 @@ def test_logprobs_from_raw_distribution(dtype: torch.dtype) -> None:
 
 
 def test_exponential_race_draws_only_tokens_with_probability() -> None:
-    from server.engine.sampler import _exponential_race_
+    from server.engine.sampler import exponential_race_
 
     logits = torch.full((400, 6), -math.inf)
     logits[:, 2] = 0.0
     logits[:, 3] = 1.0  # tokens 0, 1, 4, 5 masked: leading and trailing
     noise = torch.empty(400, 6).exponential_(generator=torch.Generator().manual_seed(0))
-    ids = _exponential_race_(logits, noise)
+    ids = exponential_race_(logits, noise)
     assert set(ids.tolist()) == {2, 3}
     assert abs((ids == 2).float().mean().item() - 1 / (1 + math.e)) < 0.07
 

@@ -31,6 +31,7 @@ def test_cli_start_up_errors_are_clear(tmp_path: Path) -> None:
     procs = {  # started together: each pays the interpreter and torch start-up
         "model": _cli("--model", str(missing), "--device", "cpu"),
         "env": _cli(env={"CUSTOMLLM_PORT": "abc"}),
+        "speculative": _cli("--speculative-config", '{"method": "eagle", "num_speculative_tokens": 2}'),
     }
     outputs = {name: p.communicate(timeout=60)[0] for name, p in procs.items()}
     for name, proc in procs.items():
@@ -38,6 +39,7 @@ def test_cli_start_up_errors_are_clear(tmp_path: Path) -> None:
         assert "Traceback" not in outputs[name], (name, outputs[name])
     assert str(missing) in outputs["model"]
     assert "CUSTOMLLM_PORT" in outputs["env"] and "abc" in outputs["env"]
+    assert "speculative method 'eagle' is not supported" in outputs["speculative"], outputs["speculative"]
 
 
 def _start_cli_server(tiny_checkpoint: Path, log: Path, *args: str) -> tuple[subprocess.Popen[str], str]:
