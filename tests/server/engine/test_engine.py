@@ -8,7 +8,7 @@ import pytest
 
 from server.engine.engine import Engine
 from server.engine.sampling_params import SamplingParams
-from tests.server.engine_utils import collect, make_engine, run_all
+from tests.server.engine_utils import collect, run_all
 
 VOCAB = 97
 
@@ -16,22 +16,6 @@ VOCAB = 97
 def prompts(count: int, seed: int = 0, lo: int = 1, hi: int = 60) -> list[list[int]]:
     rng = random.Random(seed)
     return [[rng.randrange(1, VOCAB) for _ in range(rng.randint(lo, hi))] for _ in range(count)]
-
-
-@pytest.fixture
-def engine():
-    engines: list[Engine] = []
-
-    def start(**kwargs) -> Engine:
-        e = make_engine(**kwargs)
-        e.start()
-        engines.append(e)
-        return e
-
-    yield start
-    for e in engines:
-        e.shutdown()
-        assert e.scheduler.block_manager.num_free_blocks == e.scheduler.block_manager.num_total_blocks
 
 
 def greedy(max_tokens: int = 12, **kw) -> SamplingParams:

@@ -67,18 +67,9 @@ def assert_reference(state, prompt_ids: list[int], tokens: list[int], rows: np.n
 
 
 @pytest.fixture
-def engine():
-    engines: list[Engine] = []
-
-    def start(**kwargs) -> Engine:
-        e = make_engine(enable_return_routed_experts=True, **kwargs)
-        e.start()
-        engines.append(e)
-        return e
-
-    yield start
-    for e in engines:
-        e.shutdown()
+def engine(engine):
+    """The engine fixture's tiny engines, with --enable-return-routed-experts."""
+    return lambda **kwargs: engine(enable_return_routed_experts=True, **kwargs)
 
 
 def test_rows_equal_the_reference_and_only_askers_get_them(engine, state) -> None:
